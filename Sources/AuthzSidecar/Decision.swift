@@ -1,0 +1,81 @@
+import Introspection
+
+/// The outcome of a decision: allow with a grant, or a denial. A fault is not a decision: it
+/// travels as an `IntrospectionError`.
+public enum Decision: Sendable, Equatable {
+    case allow(Grant)
+    case deny(Denial)
+}
+
+/// What an allowed request carries upstream.
+public struct Grant: Sendable, Equatable {
+    /// nil for anonymous access.
+    public var token: TokenInfo?
+    /// Seconds the proxy may cache this answer (0 = not at all).
+    public var cacheSeconds: Int64
+
+    public init(token: TokenInfo?, cacheSeconds: Int64 = 0) {
+        self.token = token
+        self.cacheSeconds = cacheSeconds
+    }
+}
+
+/// Why a request is refused; bounded, used as a metric label and in logs.
+public enum DenialReason: String, Sendable, CaseIterable {
+    case noPolicy = "no_policy"
+    case noToken = "no_token"
+    case malformedToken = "malformed_token"
+    case requestTooLarge = "request_too_large"
+    case inactive
+    case expired
+    case notYetValid = "not_yet_valid"
+    case issuerMismatch = "issuer_mismatch"
+    case audienceMismatch = "audience_mismatch"
+    case certificateMissing = "certificate_missing"
+    case certificateInvalid = "certificate_invalid"
+    case bindingMismatch = "binding_mismatch"
+    case unboundToken = "unbound_token"
+    case insufficientScope = "insufficient_scope"
+}
+
+/// A refusal: 401 or 403, with the RFC 6750 §3.1 error code that goes with it.
+public struct Denial: Sendable, Equatable {
+    /// RFC 6750 §3.1 error codes.
+    public enum ErrorCode: String, Sendable {
+        case invalidRequest = "invalid_request"
+        case invalidToken = "invalid_token"
+        case insufficientScope = "insufficient_scope"
+    }
+
+    public var reason: DenialReason
+    /// Detail for the log line (never a token).
+    public var detail: String?
+
+    public init(_ reason: DenialReason, detail: String? = nil) {
+        self.reason = reason
+        self.detail = detail
+    }
+
+    /// 403 when the token is good but not for this route; 401 otherwise.
+    public var status: Int {
+        switch reason {
+        case .insufficientScope, .noPolicy: return 403
+        default: return 401
+        }
+    }
+
+    /// The RFC 6750 error code; none when no bearer token was sent (§3.1) or no policy matched.
+    public var errorCode: ErrorCode? {
+        switch reason {
+        case .noToken, .noPolicy: return nil
+        case .malformedToken, .requestTooLarge: return .invalidRequest
+        case .insufficientScope: return .insufficientScope
+        default: return .invalidToken
+        }
+    }
+
+    /// The Kong-style message.
+    public var message: String {
+        reason == .noToken ? "Unauthenticated." : "The resource owner or authorization server denied the request."
+    }
+}

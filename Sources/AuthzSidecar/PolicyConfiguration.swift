@@ -1,0 +1,92 @@
+import Introspection
+
+/// One entry of `policies:` (DESIGN.md §3): which requests it covers and what it demands.
+public struct PolicyConfiguration: Sendable, Equatable {
+    /// `all`: every required scope; `any`: at least one.
+    public enum ScopeMatch: String, Sendable, CaseIterable {
+        case all, any
+    }
+
+    /// Which element of a multi-element `x-forwarded-client-cert` to trust (DESIGN.md §7).
+    public enum XFCCElement: String, Sendable, CaseIterable {
+        /// Exactly one element, else the request is refused.
+        case only
+        /// The first element (set by the outermost proxy under APPEND_FORWARD).
+        case first
+        /// The last element (set by the proxy nearest the sidecar).
+        case last
+    }
+
+    public var name: String
+    public var pathPrefix: String
+    /// Lowercased; empty = any host. An entry without a port matches the host on any port.
+    public var hosts: [String]
+    /// Uppercased; empty = any method.
+    public var methods: [String]
+    public var requiredScopes: [String]
+    public var scopeMatch: ScopeMatch
+    public var audiences: [String]
+    /// Where the proxy puts the client certificate; nil = none (gRPC: the peer certificate).
+    public var certificateHeader: String?
+    public var certificateFormat: CertificateFormat
+    public var xfccElement: XFCCElement
+    public var requireBoundToken: Bool
+    public var allowAnonymous: Bool
+    public var forwardClaims: [String]
+    public var hideCredentials: Bool
+    public var clockSkewSeconds: Int64
+    public var proxyCacheSeconds: Int64
+
+    public init(
+        name: String,
+        pathPrefix: String = "/",
+        hosts: [String] = [],
+        methods: [String] = [],
+        requiredScopes: [String] = [],
+        scopeMatch: ScopeMatch = .all,
+        audiences: [String] = [],
+        certificateHeader: String? = nil,
+        certificateFormat: CertificateFormat = .auto,
+        xfccElement: XFCCElement = .only,
+        requireBoundToken: Bool = false,
+        allowAnonymous: Bool = false,
+        forwardClaims: [String] = [],
+        hideCredentials: Bool = false,
+        clockSkewSeconds: Int64 = 0,
+        proxyCacheSeconds: Int64 = 0
+    ) {
+        self.name = name
+        self.pathPrefix = pathPrefix
+        self.hosts = hosts.map { $0.lowercased() }
+        self.methods = methods.map { $0.uppercased() }
+        self.requiredScopes = requiredScopes
+        self.scopeMatch = scopeMatch
+        self.audiences = audiences
+        self.certificateHeader = certificateHeader
+        self.certificateFormat = certificateFormat
+        self.xfccElement = xfccElement
+        self.requireBoundToken = requireBoundToken
+        self.allowAnonymous = allowAnonymous
+        self.forwardClaims = forwardClaims
+        self.hideCredentials = hideCredentials
+        self.clockSkewSeconds = clockSkewSeconds
+        self.proxyCacheSeconds = proxyCacheSeconds
+    }
+
+    /// Whether this policy covers a request (path prefix on the path without its query, host, method).
+    public func matches(method: String, path: Substring, host: Substring) -> Bool {
+        guard path.hasPrefix(pathPrefix) else { return false }
+        if !methods.isEmpty, !methods.contains(where: { $0.utf8.elementsEqual(method.utf8) }) {
+            return false
+        }
+        if !hosts.isEmpty {
+            let lowered = host.lowercased()
+            let bare = lowered.lastIndex(of: ":").map { idx in
+                // keep bracketed IPv6 literals intact: only strip a port after the last ']'
+                lowered[..<idx].contains("]") || !lowered.contains("[") ? String(lowered[..<idx]) : lowered
+            } ?? lowered
+            guard hosts.contains(where: { $0 == lowered || $0 == bare }) else { return false }
+        }
+        return true
+    }
+}

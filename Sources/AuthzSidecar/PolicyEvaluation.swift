@@ -1,0 +1,88 @@
+import HTTPTypes
+import Introspection
+
+/// The decision proper (DESIGN.md §5 steps 4–7): a pure function of the token's introspection,
+/// the request, the policy and the time.
+public struct PolicyEvaluation: Sendable {
+    public var policy: PolicyConfiguration
+    public var expectedIssuer: String?
+
+    public init(policy: PolicyConfiguration, expectedIssuer: String? = nil) {
+        self.policy = policy
+        self.expectedIssuer = expectedIssuer
+    }
+
+    /// Decides for an introspected token.
+    public func decide(token info: TokenInfo, request: AccessRequest, now: Double) -> Decision {
+        // 4. active, time window, issuer, audience
+        guard info.active else { return .deny(Denial(.inactive)) }
+        let skew = Double(policy.clockSkewSeconds)
+        if let exp = info.exp, Double(exp) + skew <= now { return .deny(Denial(.expired)) }
+        if let nbf = info.nbf, Double(nbf) - skew > now { return .deny(Denial(.notYetValid)) }
+        if let expectedIssuer, info.iss != expectedIssuer {
+            return .deny(Denial(.issuerMismatch))
+        }
+        if !policy.audiences.isEmpty, !info.aud.contains(where: policy.audiences.contains) {
+            return .deny(Denial(.audienceMismatch))
+        }
+
+        // 5. certificate binding (RFC 8705 §3), on every request
+        if let bound = info.certificateThumbprint {
+            let thumbprint: CertificateThumbprint
+            switch certificate(of: request) {
+            case .none:
+                return .deny(Denial(.certificateMissing, detail: "token is certificate-bound but no certificate was presented"))
+            case .failure(let error):
+                return .deny(Denial(.certificateInvalid, detail: error.description))
+            case .success(let presented):
+                thumbprint = presented
+            }
+            guard thumbprint.matches(x5tS256: bound) else {
+                return .deny(Denial(.bindingMismatch, detail: "certificate \(thumbprint.base64URL) is not the one the token is bound to"))
+            }
+        } else if policy.requireBoundToken {
+            return .deny(Denial(.unboundToken))
+        }
+
+        // 6. scopes
+        if !policy.requiredScopes.isEmpty {
+            let granted = info.scopes
+            let satisfied: Bool
+            switch policy.scopeMatch {
+            case .all: satisfied = policy.requiredScopes.allSatisfy { required in granted.contains { $0 == required } }
+            case .any: satisfied = policy.requiredScopes.contains { required in granted.contains { $0 == required } }
+            }
+            guard satisfied else { return .deny(Denial(.insufficientScope)) }
+        }
+
+        // 7. allow; a proxy may cache it no longer than the token lives
+        var cacheSeconds: Int64 = 0
+        if policy.proxyCacheSeconds > 0 {
+            let remaining = info.exp.map { $0 - Int64(now.rounded(.up)) } ?? policy.proxyCacheSeconds
+            cacheSeconds = max(0, min(policy.proxyCacheSeconds, remaining))
+        }
+        return .allow(Grant(token: info, cacheSeconds: cacheSeconds))
+    }
+
+    /// The certificate from the one source the policy names: its header, or else (gRPC) the peer
+    /// certificate. nil when none was presented.
+    func certificate(of request: AccessRequest) -> Result<CertificateThumbprint, CertificateError>? {
+        let value: String
+        var format = policy.certificateFormat
+        if let headerName = policy.certificateHeader {
+            guard let name = HTTPField.Name(headerName) else { return nil }
+            let values = request.headers[values: name]
+            guard let first = values.first else { return nil }
+            guard values.count == 1 else { return .failure(CertificateError("\(headerName) appears \(values.count) times")) }
+            value = first
+        } else if let peer = request.peerCertificate {
+            value = peer
+            format = .pemURLEncoded
+        } else {
+            return nil
+        }
+        return Result { () throws(CertificateError) in
+            try ClientCertificate.thumbprint(header: value, format: format, xfccElement: policy.xfccElement)
+        }
+    }
+}

@@ -1,0 +1,69 @@
+import Introspection
+
+extension SidecarConfiguration {
+    /// The configuration as it will be used, defaults filled in, the secret redacted: what
+    /// `check-config` prints. It is itself a valid configuration file (with the secret to supply).
+    public var effectiveYAML: String {
+        var out = ""
+        func line(_ indent: Int, _ key: String, _ value: String) {
+            out += String(repeating: " ", count: indent) + key + ": " + value + "\n"
+        }
+        func quoted(_ s: String?) -> String {
+            guard let s else { return "null" }
+            var escaped = ""
+            JSONValue.writeString(s, into: &escaped)
+            return escaped
+        }
+        func list(_ items: [String]) -> String { "[" + items.map { quoted($0) }.joined(separator: ", ") + "]" }
+
+        out += "server:\n"
+        line(2, "listen", quoted(server.listen.description))
+        line(2, "admin_listen", quoted(server.adminListen?.description))
+        line(2, "grpc_listen", quoted(server.grpcListen?.description))
+        line(2, "trust_policy_header", "\(server.trustPolicyHeader)")
+        line(2, "max_header_bytes", "\(server.maxHeaderBytes)")
+        out += "introspection:\n"
+        line(2, "endpoint", quoted(introspection.endpoint))
+        line(2, "client_id", quoted(introspection.clientID))
+        line(2, "client_secret", introspection.clientSecret == nil ? "null" : quoted("<redacted>"))
+        line(2, "auth_method", introspection.authMethod.rawValue)
+        line(2, "client_certificate_file", quoted(introspection.clientCertificateFile))
+        line(2, "client_key_file", quoted(introspection.clientKeyFile))
+        line(2, "ca_file", quoted(introspection.caFile))
+        line(2, "verify_tls", "\(introspection.verifyTLS)")
+        line(2, "insecure", "\(introspection.insecure)")
+        line(2, "timeout_ms", "\(introspection.timeoutMilliseconds)")
+        line(2, "max_connections", "\(introspection.maxConnections)")
+        line(2, "max_response_bytes", "\(introspection.maxResponseBytes)")
+        line(2, "expected_issuer", quoted(introspection.expectedIssuer))
+        out += "cache:\n"
+        line(2, "ttl_seconds", "\(cache.ttlSeconds)")
+        line(2, "negative_ttl_seconds", "\(cache.negativeTTLSeconds)")
+        line(2, "max_entries", "\(cache.maxEntries)")
+        line(2, "stale_if_error_seconds", "\(cache.staleIfErrorSeconds)")
+        out += "logging:\n"
+        line(2, "level", logging.level)
+        line(2, "format", logging.format.rawValue)
+        out += "policies:\n"
+        for policy in policies {
+            line(2, "- name", quoted(policy.name))
+            out += "    match:\n"
+            line(6, "path_prefix", quoted(policy.pathPrefix))
+            line(6, "hosts", list(policy.hosts))
+            line(6, "methods", list(policy.methods))
+            line(4, "required_scopes", list(policy.requiredScopes))
+            line(4, "scope_match", policy.scopeMatch.rawValue)
+            line(4, "audiences", list(policy.audiences))
+            line(4, "certificate_header", quoted(policy.certificateHeader))
+            line(4, "certificate_format", policy.certificateFormat.rawValue)
+            line(4, "xfcc_element", policy.xfccElement.rawValue)
+            line(4, "require_bound_token", "\(policy.requireBoundToken)")
+            line(4, "allow_anonymous", "\(policy.allowAnonymous)")
+            line(4, "forward_claims", list(policy.forwardClaims))
+            line(4, "hide_credentials", "\(policy.hideCredentials)")
+            line(4, "clock_skew_seconds", "\(policy.clockSkewSeconds)")
+            line(4, "proxy_cache_seconds", "\(policy.proxyCacheSeconds)")
+        }
+        return out
+    }
+}

@@ -1,0 +1,94 @@
+import Introspection
+
+/// Where a listener binds: `host:port` or `unix:/path`.
+public enum ListenAddress: Sendable, Equatable, CustomStringConvertible {
+    case tcp(host: String, port: Int)
+    case unix(path: String)
+
+    /// Parses `127.0.0.1:9191`, `[::1]:9191`, `localhost:9191` or `unix:/run/authz.sock`.
+    public init?(_ text: String) {
+        if text.hasPrefix("unix:") {
+            let path = String(text.dropFirst(5))
+            guard path.hasPrefix("/") else { return nil }
+            self = .unix(path: path)
+            return
+        }
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port) else {
+            return nil
+        }
+        var host = String(text[..<colon])
+        if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        guard !host.isEmpty else { return nil }
+        self = .tcp(host: host, port: port)
+    }
+
+    public var description: String {
+        switch self {
+        case .tcp(let host, let port): return host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+        case .unix(let path): return "unix:\(path)"
+        }
+    }
+}
+
+/// `server:` (DESIGN.md §3).
+public struct ServerConfiguration: Sendable, Equatable {
+    public var listen: ListenAddress
+    /// nil = the admin endpoints share `listen`.
+    public var adminListen: ListenAddress?
+    /// nil = no gRPC listener.
+    public var grpcListen: ListenAddress?
+    public var trustPolicyHeader: Bool
+    public var maxHeaderBytes: Int
+
+    public init(
+        listen: ListenAddress = .tcp(host: "127.0.0.1", port: 9191),
+        adminListen: ListenAddress? = nil,
+        grpcListen: ListenAddress? = nil,
+        trustPolicyHeader: Bool = false,
+        maxHeaderBytes: Int = 16384
+    ) {
+        self.listen = listen
+        self.adminListen = adminListen
+        self.grpcListen = grpcListen
+        self.trustPolicyHeader = trustPolicyHeader
+        self.maxHeaderBytes = maxHeaderBytes
+    }
+}
+
+/// `logging:` (an extension of DESIGN.md §3).
+public struct LoggingConfiguration: Sendable, Equatable {
+    public enum Format: String, Sendable, CaseIterable {
+        case text, json
+    }
+
+    public var level: String
+    public var format: Format
+
+    public init(level: String = "info", format: Format = .text) {
+        self.level = level
+        self.format = format
+    }
+}
+
+/// The whole configuration file, validated.
+public struct SidecarConfiguration: Sendable, Equatable {
+    public var server: ServerConfiguration
+    public var introspection: IntrospectionConfiguration
+    public var cache: CacheConfiguration
+    public var policies: [PolicyConfiguration]
+    public var logging: LoggingConfiguration
+
+    public init(
+        server: ServerConfiguration = ServerConfiguration(),
+        introspection: IntrospectionConfiguration,
+        cache: CacheConfiguration = CacheConfiguration(),
+        policies: [PolicyConfiguration],
+        logging: LoggingConfiguration = LoggingConfiguration()
+    ) {
+        self.server = server
+        self.introspection = introspection
+        self.cache = cache
+        self.policies = policies
+        self.logging = logging
+    }
+}

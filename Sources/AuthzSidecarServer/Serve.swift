@@ -1,0 +1,72 @@
+import ArgumentParser
+import AsyncHTTPClient
+import AuthzSidecar
+import Foundation
+import Introspection
+import Logging
+import Metrics
+import Prometheus
+import ServiceLifecycle
+
+/// `authz-sidecar serve`: runs the service until SIGTERM or SIGINT.
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Run the sidecar (the default command).")
+
+    @OptionGroup var options: ConfigOption
+
+    func run() async throws {
+        let configuration: SidecarConfiguration
+        do {
+            configuration = try SidecarConfiguration.load(path: try options.path())
+        } catch let error as ConfigurationError {
+            FileHandle.standardError.write(Data((error.description + "\n").utf8))
+            throw ExitCode(1)
+        }
+        LogSetup.bootstrap(configuration.logging)
+        let logger = Logger(label: "authz")
+
+        let registry = PrometheusCollectorRegistry()
+        var factory = PrometheusMetricsFactory(registry: registry)
+        factory.defaultDurationHistogramBuckets = [
+            .microseconds(250), .microseconds(500), .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10),
+            .milliseconds(25), .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500),
+            .seconds(1), .milliseconds(2500), .seconds(5),
+        ]
+        MetricsSystem.bootstrap(factory)
+
+        let client = try HTTPTokenIntrospector.makeHTTPClient(for: configuration.introspection)
+        let introspector = HTTPTokenIntrospector(configuration: configuration.introspection, client: client, logger: logger)
+        for address in [configuration.server.listen, configuration.server.adminListen].compactMap({ $0 }) {
+            if case .unix(let path) = address { try? FileManager.default.removeItem(atPath: path) }
+        }
+        let sidecar = Sidecar(configuration: configuration, introspector: introspector, registry: registry, logger: logger)
+        logger.notice(
+            "starting",
+            metadata: [
+                "authz.version": "\(SidecarVersion.current)",
+                "authz.listen": "\(configuration.server.listen)",
+                "authz.admin_listen": "\(configuration.server.adminListen?.description ?? "same")",
+                "authz.endpoint": "\(configuration.introspection.endpoint)",
+                "authz.policies": "\(configuration.policies.map(\.name).joined(separator: ","))",
+            ]
+        )
+        let group = ServiceGroup(
+            configuration: .init(
+                services: [.init(service: HTTPClientService(client: client))] + sidecar.services.map { .init(service: $0) },
+                gracefulShutdownSignals: [.sigterm, .sigint],
+                logger: logger
+            )
+        )
+        try await group.run()
+    }
+}
+
+/// Shuts the AS client down after the listeners have drained (services stop in reverse order).
+struct HTTPClientService: Service {
+    let client: HTTPClient
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        try await client.shutdown()
+    }
+}

@@ -1,0 +1,206 @@
+import Logging
+import Metrics
+import Synchronization
+
+/// Caches any introspector's answers, honestly (DESIGN.md §5.3):
+/// keyed by `TokenDigest`; an active answer lives `min(ttl, exp − now)` and is never served once
+/// `exp` has passed; an inactive one lives `negative_ttl`; faults are never cached; N concurrent
+/// lookups of one uncached token make one upstream call (single-flight); during an AS fault an
+/// answer whose TTL ran out less than `stale_if_error` ago may be served, never past `exp`.
+public final class CachingTokenIntrospector: TokenIntrospector {
+    /// Where an answer came from, for logs and metrics.
+    public enum Source: String, Sendable {
+        case hit, miss, coalesced, stale
+    }
+
+    /// An answer and its source.
+    public struct Answer: Sendable {
+        public var info: TokenInfo
+        public var source: Source
+    }
+
+    private typealias Outcome = Result<Answer, IntrospectionError>
+
+    /// One call in flight; its waiters are continuations, resumed when it ends.
+    private final class Flight: Sendable {
+        private let state = Mutex<(result: Outcome?, waiters: [CheckedContinuation<Outcome, Never>])>((nil, []))
+
+        func wait() async -> Outcome {
+            await withCheckedContinuation { continuation in
+                let ready: Outcome? = state.withLock { state in
+                    if let result = state.result { return result }
+                    state.waiters.append(continuation)
+                    return nil
+                }
+                if let ready { continuation.resume(returning: ready) }
+            }
+        }
+
+        func finish(_ result: Outcome) {
+            let waiters = state.withLock { state in
+                state.result = result
+                defer { state.waiters = [] }
+                return state.waiters
+            }
+            for waiter in waiters { waiter.resume(returning: result) }
+        }
+    }
+
+    private struct ShardState {
+        var entries: TTLCache<TokenDigest, TokenInfo>
+        var flights: [TokenDigest: Flight] = [:]
+    }
+
+    private final class Shard: Sendable {
+        let state: Mutex<ShardState>
+        init(capacity: Int) { state = Mutex(ShardState(entries: TTLCache(capacity: capacity))) }
+    }
+
+    private let upstream: any TokenIntrospector
+    private let configuration: CacheConfiguration
+    private let clock: any EpochClock
+    private let shards: [Shard]
+    private let metrics: CacheMetrics
+
+    /// - Parameters:
+    ///   - shardCount: independent locks; a power of two near the core count is plenty.
+    public init(upstream: any TokenIntrospector, configuration: CacheConfiguration, clock: any EpochClock = SystemEpochClock(), shardCount: Int = 16, metricsPrefix: String = "authz") {
+        self.upstream = upstream
+        self.configuration = configuration
+        self.clock = clock
+        let shardCount = max(1, min(shardCount, configuration.maxEntries))
+        let perShard = max(1, (configuration.maxEntries + shardCount - 1) / shardCount)
+        self.shards = (0..<shardCount).map { _ in Shard(capacity: perShard) }
+        self.metrics = CacheMetrics(prefix: metricsPrefix)
+    }
+
+    public func introspect(_ token: String) async throws(IntrospectionError) -> TokenInfo {
+        try await lookup(token: token, digest: TokenDigest(token: token)).info
+    }
+
+    /// Looks a token up, calling the upstream introspector on a miss.
+    public func lookup(token: String, digest: TokenDigest) async throws(IntrospectionError) -> Answer {
+        let shard = shards[digest.shard(of: shards.count)]
+        let now = clock.now()
+
+        enum Step {
+            case hit(TokenInfo)
+            case wait(Flight)
+            case lead(Flight, stale: TokenInfo?)
+        }
+        let step: Step = shard.state.withLock { state in
+            var stale: TokenInfo?
+            switch state.entries.lookup(digest, now: now) {
+            case .fresh(let info):
+                // exp is re-checked on every hit, whatever the entry's own lifetime says.
+                if info.active, let exp = info.exp, Double(exp) <= now {
+                    state.entries.remove(digest)
+                } else {
+                    return .hit(info)
+                }
+            case .stale(let info):
+                stale = info
+            case .absent:
+                break
+            }
+            if let flight = state.flights[digest] { return .wait(flight) }
+            let flight = Flight()
+            state.flights[digest] = flight
+            return .lead(flight, stale: stale)
+        }
+
+        switch step {
+        case .hit(let info):
+            metrics.hits.increment()
+            return Answer(info: info, source: .hit)
+        case .wait(let flight):
+            metrics.coalesced.increment()
+            var answer = try await flight.wait().get()
+            if answer.source == .miss { answer.source = .coalesced }
+            return answer
+        case .lead(let flight, let stale):
+            metrics.misses.increment()
+            let outcome = await callUpstream(token: token, digest: digest, shard: shard, stale: stale)
+            flight.finish(outcome)
+            return try outcome.get()
+        }
+    }
+
+    private func callUpstream(token: String, digest: TokenDigest, shard: Shard, stale: TokenInfo?) async -> Outcome {
+        let result: Result<TokenInfo, IntrospectionError>
+        do throws(IntrospectionError) {
+            result = .success(try await upstream.introspect(token))
+        } catch {
+            result = .failure(error)
+        }
+        let now = clock.now()
+        return shard.state.withLock { state -> Outcome in
+            state.flights[digest] = nil
+            switch result {
+            case .success(let info):
+                let (fresh, staleUntil) = lifetime(of: info, now: now)
+                if fresh > now {
+                    let evicted = state.entries.insert(digest, value: info, freshUntil: fresh, staleUntil: staleUntil, now: now)
+                    if evicted > 0 { metrics.evictions.increment(by: evicted) }
+                }
+                return .success(Answer(info: info, source: .miss))
+            case .failure(let error):
+                if let stale, stale.active, staleUsable(stale, now: now) {
+                    metrics.staleServes.increment()
+                    return .success(Answer(info: stale, source: .stale))
+                }
+                return .failure(error)
+            }
+        }
+    }
+
+    /// When an answer stops being fresh, and when it stops being usable even as stale.
+    private func lifetime(of info: TokenInfo, now: Double) -> (fresh: Double, stale: Double) {
+        guard configuration.ttlSeconds > 0, configuration.maxEntries > 0 else { return (now, now) }
+        guard info.active else { return (now + configuration.negativeTTLSeconds, now + configuration.negativeTTLSeconds) }
+        let exp = info.exp.map(Double.init) ?? .infinity
+        let fresh = min(now + configuration.ttlSeconds, exp)
+        let stale = min(fresh + max(0, configuration.staleIfErrorSeconds), exp)
+        return (fresh, stale)
+    }
+
+    private func staleUsable(_ info: TokenInfo, now: Double) -> Bool {
+        guard configuration.staleIfErrorSeconds > 0 else { return false }
+        if let exp = info.exp, Double(exp) <= now { return false }
+        return true
+    }
+
+    /// Removes one token's answer; returns whether it was cached.
+    @discardableResult
+    public func purge(_ digest: TokenDigest) -> Bool {
+        shards[digest.shard(of: shards.count)].state.withLock { $0.entries.remove(digest) }
+    }
+
+    /// Empties the cache; returns how many answers it held.
+    @discardableResult
+    public func purgeAll() -> Int {
+        shards.reduce(0) { total, shard in total + shard.state.withLock { $0.entries.removeAll() } }
+    }
+
+    /// Cached answers (expired ones count until met).
+    public var count: Int {
+        shards.reduce(0) { total, shard in total + shard.state.withLock { $0.entries.count } }
+    }
+}
+
+/// The cache's counters (DESIGN.md §8).
+struct CacheMetrics: Sendable {
+    let hits: Counter
+    let misses: Counter
+    let coalesced: Counter
+    let evictions: Counter
+    let staleServes: Counter
+
+    init(prefix: String) {
+        hits = Counter(label: "\(prefix)_cache_hits_total")
+        misses = Counter(label: "\(prefix)_cache_misses_total")
+        coalesced = Counter(label: "\(prefix)_cache_coalesced_waits_total")
+        evictions = Counter(label: "\(prefix)_cache_evictions_total")
+        staleServes = Counter(label: "\(prefix)_cache_stale_serves_total")
+    }
+}

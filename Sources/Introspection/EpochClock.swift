@@ -1,0 +1,27 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Wall-clock time in seconds since the Unix epoch: the scale of `exp`, `iat` and `nbf`.
+///
+/// Injected everywhere time matters, so tests advance a clock instead of sleeping.
+public protocol EpochClock: Sendable {
+    /// Seconds since 1970-01-01T00:00:00Z.
+    func now() -> Double
+}
+
+/// The system's real-time clock.
+public struct SystemEpochClock: EpochClock {
+    public init() {}
+
+    @inlinable
+    public func now() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1_000_000_000
+    }
+}

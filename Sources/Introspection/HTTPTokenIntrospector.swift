@@ -1,0 +1,219 @@
+import AsyncHTTPClient
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOSSL
+import Synchronization
+
+/// RFC 7662 over AsyncHTTPClient: a form POST with client authentication, a deadline, a bounded
+/// body, and every failure mapped to an `IntrospectionError`.
+public final class HTTPTokenIntrospector: TokenIntrospector {
+    private let client: HTTPClient
+    private let endpoint: String
+    private let authorization: String?
+    private let formCredentials: String
+    private let deadline: TimeAmount
+    private let maxResponseBytes: Int
+    private let maxPending: Int
+    private let pending = Atomic<Int>(0)
+    private let logger: Logger
+
+    /// - Parameters:
+    ///   - client: the shared client (see `makeHTTPClient(for:)`); its owner shuts it down.
+    public init(configuration: IntrospectionConfiguration, client: HTTPClient, logger: Logger = Logger(label: "authz.introspection")) {
+        self.client = client
+        self.endpoint = configuration.endpoint
+        self.deadline = .milliseconds(Int64(configuration.timeoutMilliseconds))
+        self.maxResponseBytes = configuration.maxResponseBytes
+        self.maxPending = max(1, configuration.maxConnections) * 16
+        self.logger = logger
+        let id = configuration.clientID ?? ""
+        let secret = configuration.clientSecret?.value ?? ""
+        switch configuration.authMethod {
+        case .clientSecretBasic:
+            // RFC 6749 §2.3.1: form-encode id and secret, then base64 "id:secret".
+            let pair = FormEncoding.encode(id) + ":" + FormEncoding.encode(secret)
+            self.authorization = "Basic " + Base64.encode(Array(pair.utf8))
+            self.formCredentials = ""
+        case .clientSecretPost:
+            self.authorization = nil
+            self.formCredentials = "&" + FormEncoding.encode([("client_id", id), ("client_secret", secret)])
+        case .tlsClientAuth, .none:
+            // RFC 8705 §2: the client_id identifies the client; the TLS certificate authenticates it.
+            self.authorization = nil
+            self.formCredentials = id.isEmpty ? "" : "&" + FormEncoding.encode([("client_id", id)])
+        }
+    }
+
+    /// An HTTP client for the AS: verified TLS (with `ca_file` roots), the client certificate
+    /// for `tls_client_auth`, pooled keep-alive connections, no redirects.
+    public static func makeHTTPClient(for configuration: IntrospectionConfiguration, eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) throws -> HTTPClient {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        if let caFile = configuration.caFile {
+            tls.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(caFile))
+        }
+        if !configuration.verifyTLS {
+            tls.certificateVerification = .none
+        }
+        if configuration.authMethod == .tlsClientAuth, let certificateFile = configuration.clientCertificateFile, let keyFile = configuration.clientKeyFile {
+            tls.certificateChain = try NIOSSLCertificate.fromPEMFile(certificateFile).map { .certificate($0) }
+            tls.privateKey = .privateKey(try NIOSSLPrivateKey(file: keyFile, format: .pem))
+        }
+        let timeout = TimeAmount.milliseconds(Int64(configuration.timeoutMilliseconds))
+        var clientConfiguration = HTTPClient.Configuration(
+            tlsConfiguration: tls,
+            redirectConfiguration: .disallow,
+            timeout: .init(connect: timeout, read: timeout),
+            connectionPool: .init(idleTimeout: .seconds(55), concurrentHTTP1ConnectionsPerHostSoftLimit: max(1, configuration.maxConnections)),
+            decompression: .disabled
+        )
+        clientConfiguration.httpVersion = .automatic
+        return HTTPClient(eventLoopGroup: eventLoopGroup, configuration: clientConfiguration)
+    }
+
+    public func introspect(_ token: String) async throws(IntrospectionError) -> TokenInfo {
+        guard pending.add(1, ordering: .relaxed).newValue <= maxPending else {
+            pending.subtract(1, ordering: .relaxed)
+            throw .overloaded
+        }
+        defer { pending.subtract(1, ordering: .relaxed) }
+
+        var request = HTTPClientRequest(url: endpoint)
+        request.method = .POST
+        request.headers.add(name: "Content-Type", value: "application/x-www-form-urlencoded")
+        request.headers.add(name: "Accept", value: "application/json")
+        if let authorization {
+            request.headers.add(name: "Authorization", value: authorization)
+        }
+        let form = "token=" + FormEncoding.encode(token) + "&token_type_hint=access_token" + formCredentials
+        request.body = .bytes(ByteBuffer(string: form))
+
+        do {
+            let response = try await client.execute(request, deadline: .now() + deadline, logger: logger)
+            guard response.status == .ok else {
+                // Drain (bounded) so the connection can be reused; ignore what it says.
+                _ = try? await response.body.collect(upTo: maxResponseBytes)
+                throw IntrospectionError.status(Int(response.status.code))
+            }
+            let body: ByteBuffer
+            do {
+                body = try await response.body.collect(upTo: maxResponseBytes)
+            } catch is NIOTooManyBytesError {
+                throw IntrospectionError.tooLarge(maxResponseBytes)
+            }
+            return try body.withUnsafeReadableBytes { raw throws(IntrospectionError) in
+                try TokenInfo(jsonBody: raw)
+            }
+        } catch let error as IntrospectionError {
+            throw error
+        } catch {
+            throw Self.fault(from: error)
+        }
+    }
+
+    /// Maps transport errors to the bounded fault kinds.
+    static func fault(from error: any Error) -> IntrospectionError {
+        if let error = error as? HTTPClientError {
+            switch error {
+            case .deadlineExceeded, .readTimeout, .writeTimeout, .connectTimeout, .tlsHandshakeTimeout, .getConnectionFromPoolTimeout:
+                return .timeout
+            case .remoteConnectionClosed:
+                return .connect("connection closed by the authorization server")
+            case .cancelled:
+                return .transport("cancelled")
+            default:
+                return .transport(error.shortDescription)
+            }
+        }
+        if error is NIOSSLError || error is BoringSSLError || error is NIOSSLExtraError {
+            return .tls(String(describing: error))
+        }
+        if error is NIOConnectionError || error is IOError || error is ChannelError {
+            if let channelError = error as? ChannelError, channelError == .connectTimeout(.zero) {
+                return .timeout
+            }
+            return .connect(String(describing: error))
+        }
+        if error is CancellationError {
+            return .transport("cancelled")
+        }
+        return .transport(String(describing: type(of: error)))
+    }
+}
+
+/// Standard base64 (RFC 4648 §4) and its URL-safe variant (§5), without Foundation.
+public enum Base64 {
+    private static let standard = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".utf8)
+    private static let urlSafe = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".utf8)
+
+    /// Encodes with padding.
+    public static func encode<Bytes: Collection<UInt8>>(_ bytes: Bytes) -> String {
+        encode(bytes, alphabet: standard, pad: true)
+    }
+
+    /// base64url without padding (RFC 7515 §2, what `x5t#S256` uses).
+    public static func encodeURLSafe<Bytes: Collection<UInt8>>(_ bytes: Bytes) -> String {
+        encode(bytes, alphabet: urlSafe, pad: false)
+    }
+
+    private static func encode<Bytes: Collection<UInt8>>(_ bytes: Bytes, alphabet: [UInt8], pad: Bool) -> String {
+        var out = [UInt8]()
+        out.reserveCapacity((bytes.count + 2) / 3 * 4)
+        var iterator = bytes.makeIterator()
+        while let b0 = iterator.next() {
+            let b1 = iterator.next()
+            let b2 = iterator.next()
+            out.append(alphabet[Int(b0 >> 2)])
+            out.append(alphabet[Int((b0 & 0x03) << 4 | (b1 ?? 0) >> 4)])
+            if let b1 {
+                out.append(alphabet[Int((b1 & 0x0F) << 2 | (b2 ?? 0) >> 6)])
+            } else if pad {
+                out.append(UInt8(ascii: "="))
+            }
+            if let b2 {
+                out.append(alphabet[Int(b2 & 0x3F)])
+            } else if pad {
+                out.append(UInt8(ascii: "="))
+            }
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// Decodes standard or URL-safe base64, padded or not; ASCII whitespace is skipped.
+    /// Returns nil on any other character or a bad length.
+    public static func decode<Bytes: Collection<UInt8>>(_ text: Bytes) -> [UInt8]? {
+        var out = [UInt8]()
+        out.reserveCapacity(text.count / 4 * 3 + 3)
+        var accumulator: UInt32 = 0
+        var bits = 0
+        var padding = 0
+        for c in text {
+            let value: UInt32
+            switch c {
+            case UInt8(ascii: "A")...UInt8(ascii: "Z"): value = UInt32(c - UInt8(ascii: "A"))
+            case UInt8(ascii: "a")...UInt8(ascii: "z"): value = UInt32(c - UInt8(ascii: "a") + 26)
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): value = UInt32(c - UInt8(ascii: "0") + 52)
+            case UInt8(ascii: "+"), UInt8(ascii: "-"): value = 62
+            case UInt8(ascii: "/"), UInt8(ascii: "_"): value = 63
+            case UInt8(ascii: "="):
+                padding += 1
+                continue
+            case UInt8(ascii: " "), UInt8(ascii: "\n"), UInt8(ascii: "\r"), UInt8(ascii: "\t"):
+                continue
+            default:
+                return nil
+            }
+            guard padding == 0 else { return nil }  // data after padding
+            accumulator = accumulator << 6 | value
+            bits += 6
+            if bits >= 8 {
+                bits -= 8
+                out.append(UInt8(truncatingIfNeeded: accumulator >> UInt32(bits)))
+            }
+        }
+        // 6 leftover bits can never form a valid encoding; 2 or 4 must be zero.
+        guard bits < 6, padding <= 2, accumulator & ((1 << UInt32(bits)) - 1) == 0 else { return nil }
+        return out
+    }
+}

@@ -1,0 +1,64 @@
+import Metrics
+import Synchronization
+
+/// Whether the authorization server answered on the last attempt, for `/readyz`.
+///
+/// A timeout alone does not change it: a briefly slow AS must not take the sidecar out of
+/// rotation, while a refused connection, a TLS failure or an error status does.
+public final class ASReachability: Sendable {
+    public enum State: UInt8, Sendable {
+        case neverTried = 0, reachable = 1, unreachable = 2
+    }
+
+    private let state = Atomic<UInt8>(State.neverTried.rawValue)
+
+    public init() {}
+
+    public var current: State { State(rawValue: state.load(ordering: .relaxed)) ?? .neverTried }
+
+    func record(_ result: Result<TokenInfo, IntrospectionError>) {
+        switch result {
+        case .success: state.store(State.reachable.rawValue, ordering: .relaxed)
+        case .failure(.timeout), .failure(.overloaded): break
+        case .failure: state.store(State.unreachable.rawValue, ordering: .relaxed)
+        }
+    }
+}
+
+/// Counts and times every call to the AS (`authz_introspection_calls_total{outcome}`,
+/// `authz_introspection_duration_seconds`) and feeds `ASReachability`.
+public struct InstrumentedTokenIntrospector: TokenIntrospector {
+    private let upstream: any TokenIntrospector
+    private let reachability: ASReachability
+    private let clock = ContinuousClock()
+    private let duration: Timer
+    private let active: Counter
+    private let inactive: Counter
+
+    public init(_ upstream: any TokenIntrospector, reachability: ASReachability) {
+        self.upstream = upstream
+        self.reachability = reachability
+        self.duration = Timer(label: "authz_introspection_duration_seconds", preferredDisplayUnit: .seconds)
+        self.active = Counter(label: "authz_introspection_calls_total", dimensions: [("outcome", "active")])
+        self.inactive = Counter(label: "authz_introspection_calls_total", dimensions: [("outcome", "inactive")])
+    }
+
+    public func introspect(_ token: String) async throws(IntrospectionError) -> TokenInfo {
+        let start = clock.now
+        let result: Result<TokenInfo, IntrospectionError>
+        do throws(IntrospectionError) {
+            result = .success(try await upstream.introspect(token))
+        } catch {
+            result = .failure(error)
+        }
+        duration.record(duration: clock.now - start)
+        reachability.record(result)
+        switch result {
+        case .success(let info):
+            (info.active ? active : inactive).increment()
+        case .failure(let error):
+            Counter(label: "authz_introspection_calls_total", dimensions: [("outcome", "fault_\(error.label)")]).increment()
+        }
+        return try result.get()
+    }
+}

@@ -1,0 +1,191 @@
+/// What the authorization server said about a token: an RFC 7662 §2.2 introspection response.
+///
+/// Tolerant where real servers differ (`aud` as string or array, times as integer or number,
+/// `scope` as a string or an array of strings) and strict where a security decision depends on
+/// it: `active` must be a JSON boolean and `cnf` must be an object whose `x5t#S256` is a string,
+/// otherwise the response is refused as malformed (an AS fault), never read as "unbound".
+public struct TokenInfo: Sendable, Equatable {
+    public var active: Bool
+    public var scope: String?
+    public var clientID: String?
+    public var username: String?
+    public var tokenType: String?
+    public var exp: Int64?
+    public var iat: Int64?
+    public var nbf: Int64?
+    public var sub: String?
+    public var aud: [String]
+    public var iss: String?
+    public var jti: String?
+    /// RFC 8705 §3.1 `cnf["x5t#S256"]`: base64url SHA-256 of the certificate the token is bound to.
+    public var certificateThumbprint: String?
+    /// RFC 9449 `cnf["jkt"]` (DPoP), kept for policies; not enforced.
+    public var jwkThumbprint: String?
+    /// Members that are not modelled above (Keycloak's `clientId`, `typ`, `azp`,
+    /// `preferred_username`, custom claims), for the header fallbacks and `forward_claims`.
+    public var extra: [String: JSONValue]
+
+    public init(
+        active: Bool,
+        scope: String? = nil,
+        clientID: String? = nil,
+        username: String? = nil,
+        tokenType: String? = nil,
+        exp: Int64? = nil,
+        iat: Int64? = nil,
+        nbf: Int64? = nil,
+        sub: String? = nil,
+        aud: [String] = [],
+        iss: String? = nil,
+        jti: String? = nil,
+        certificateThumbprint: String? = nil,
+        jwkThumbprint: String? = nil,
+        extra: [String: JSONValue] = [:]
+    ) {
+        self.active = active
+        self.scope = scope
+        self.clientID = clientID
+        self.username = username
+        self.tokenType = tokenType
+        self.exp = exp
+        self.iat = iat
+        self.nbf = nbf
+        self.sub = sub
+        self.aud = aud
+        self.iss = iss
+        self.jti = jti
+        self.certificateThumbprint = certificateThumbprint
+        self.jwkThumbprint = jwkThumbprint
+        self.extra = extra
+    }
+
+    /// The answer for every token the AS does not vouch for; all other members are dropped
+    /// (RFC 7662 §2.2: an inactive response carries no other information we may use).
+    public static let inactive = TokenInfo(active: false)
+
+    /// The scopes, split on spaces (RFC 6749 §3.3).
+    public var scopes: [Substring] {
+        scope?.split(separator: " ", omittingEmptySubsequences: true) ?? []
+    }
+
+    /// A claim by its JSON member name, modelled or not.
+    public func claim(_ name: String) -> JSONValue? {
+        switch name {
+        case "active": return .bool(active)
+        case "scope": return scope.map(JSONValue.string)
+        case "client_id": return clientID.map(JSONValue.string)
+        case "username": return username.map(JSONValue.string)
+        case "token_type": return tokenType.map(JSONValue.string)
+        case "exp": return exp.map(JSONValue.integer)
+        case "iat": return iat.map(JSONValue.integer)
+        case "nbf": return nbf.map(JSONValue.integer)
+        case "sub": return sub.map(JSONValue.string)
+        case "aud": return aud.isEmpty ? nil : .array(aud.map(JSONValue.string))
+        case "iss": return iss.map(JSONValue.string)
+        case "jti": return jti.map(JSONValue.string)
+        default: return extra[name]
+        }
+    }
+}
+
+extension TokenInfo {
+    /// Parses a response body. Throws `IntrospectionError.malformed` for anything that is not a
+    /// JSON object with a boolean `active`, or whose security-relevant members have the wrong type.
+    public init<Bytes: Collection<UInt8>>(jsonBody: Bytes) throws(IntrospectionError) {
+        let document: JSONValue
+        do {
+            document = try JSONParser.parse(jsonBody)
+        } catch {
+            throw .malformed("body is not JSON: \(error.description)")
+        }
+        guard case .object(let members) = document else { throw .malformed("body is not a JSON object") }
+        try self.init(members: members)
+    }
+
+    /// Reads the members of a response object (see `init(jsonBody:)`).
+    public init(members: [String: JSONValue]) throws(IntrospectionError) {
+        guard case .bool(let active)? = members["active"] else {
+            throw .malformed("\"active\" is missing or not a boolean")
+        }
+        guard active else {
+            self = .inactive
+            return
+        }
+        self.init(active: true)
+        for (name, value) in members {
+            switch name {
+            case "active": continue
+            case "scope": scope = try Self.scopeString(value)
+            case "client_id": clientID = value.stringValue
+            case "username": username = value.stringValue
+            case "token_type": tokenType = value.stringValue
+            case "sub": sub = value.stringValue
+            case "iss": iss = value.stringValue
+            case "jti": jti = value.stringValue
+            case "exp": exp = try Self.seconds(value, name)
+            case "iat": iat = try Self.seconds(value, name)
+            case "nbf": nbf = try Self.seconds(value, name)
+            case "aud": aud = try Self.audiences(value)
+            case "cnf": try readConfirmation(value)
+            default: extra[name] = value
+            }
+        }
+    }
+
+    /// RFC 7662 §2.2 times: absent, null, integer or number; anything else is malformed, since
+    /// an `exp` we cannot read must not be mistaken for "never expires".
+    private static func seconds(_ value: JSONValue, _ name: String) throws(IntrospectionError) -> Int64? {
+        if case .null = value { return nil }
+        guard let seconds = value.integerSeconds else { throw .malformed("\"\(name)\" is not a number") }
+        return seconds
+    }
+
+    /// `scope` as RFC 7662's space-delimited string, or the array some servers send.
+    private static func scopeString(_ value: JSONValue) throws(IntrospectionError) -> String? {
+        switch value {
+        case .null: return nil
+        case .string(let s): return s
+        case .array(let items):
+            var parts: [String] = []
+            for item in items {
+                guard case .string(let s) = item else { throw .malformed("\"scope\" array holds a non-string") }
+                parts.append(s)
+            }
+            return parts.joined(separator: " ")
+        default: throw .malformed("\"scope\" is not a string")
+        }
+    }
+
+    /// `aud` as a string or an array of strings (RFC 7519 §4.1.3).
+    private static func audiences(_ value: JSONValue) throws(IntrospectionError) -> [String] {
+        switch value {
+        case .null: return []
+        case .string(let s): return [s]
+        case .array(let items):
+            var result: [String] = []
+            for item in items {
+                guard case .string(let s) = item else { throw .malformed("\"aud\" array holds a non-string") }
+                result.append(s)
+            }
+            return result
+        default: throw .malformed("\"aud\" is neither a string nor an array")
+        }
+    }
+
+    /// RFC 7800 `cnf`; RFC 8705 §3.1 `x5t#S256` must be a string when present.
+    private mutating func readConfirmation(_ value: JSONValue) throws(IntrospectionError) {
+        switch value {
+        case .null: return
+        case .object(let cnf):
+            switch cnf["x5t#S256"] {
+            case nil: break
+            case .string(let thumbprint)?: certificateThumbprint = thumbprint
+            default: throw .malformed("\"cnf.x5t#S256\" is not a string")
+            }
+            if case .string(let jkt)? = cnf["jkt"] { jwkThumbprint = jkt }
+            extra["cnf"] = value
+        default:
+            throw .malformed("\"cnf\" is not an object")
+        }
+    }
+}

@@ -1,0 +1,20 @@
+/// The seam between the decision and the authorization server.
+///
+/// Returns the AS's answer (active or inactive) or throws an `IntrospectionError` for a fault.
+public protocol TokenIntrospector: Sendable {
+    /// Asks whether `token` is active and what it carries (RFC 7662 §2.1).
+    func introspect(_ token: String) async throws(IntrospectionError) -> TokenInfo
+}
+
+/// An introspector made from a closure: for tests and for wiring.
+public struct ClosureTokenIntrospector: TokenIntrospector {
+    private let body: @Sendable (String) async throws(IntrospectionError) -> TokenInfo
+
+    public init(_ body: @escaping @Sendable (String) async throws(IntrospectionError) -> TokenInfo) {
+        self.body = body
+    }
+
+    public func introspect(_ token: String) async throws(IntrospectionError) -> TokenInfo {
+        try await body(token)
+    }
+}
