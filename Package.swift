@@ -72,7 +72,10 @@ let package = Package(
                 "Introspection",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdTLS", package: "hummingbird"),
+                .product(name: "HummingbirdCore", package: "hummingbird"),
+                .product(name: "NIOPosix", package: "swift-nio"),
             ],
+            exclude: [],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# demo.sh - authz-sidecar end to end on loopback, on a fresh Debian 12 machine:
+#
+#   curl --mTLS + Bearer--> nginx :8443 --auth_request--> authz-sidecar :9191 --RFC 7662--> Glewlwyd :4594
+#                             \--> echo upstream :9292 (answers with the headers it received)
+#
+# It installs what is missing (apt: nginx, headers-more, glewlwyd, sqlite3, jq, curl, openssl),
+# builds the sidecar (swift build --product authz-sidecar), makes a throwaway PKI, starts Glewlwyd
+# (scripts/idp-glewlwyd.sh), the sidecar, the echo upstream and nginx (deploy/nginx.conf rendered
+# into demo-work/), replays the scenario with curl, and stops everything it started on exit.
+#
+# Usage: scripts/demo.sh            (as root, from anywhere)
+# Environment:
+#   AUTHZ_SIDECAR_BIN   use this binary instead of building one
+#   DEMO_NGINX_PORT (8443) DEMO_SIDECAR_PORT (9191) DEMO_ECHO_PORT (9292) IDP_PORT (4594)
+#   DEMO_WORK           work directory (default: <repo>/demo-work, wiped at start)
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+. "$REPO/scripts/lib.sh"
+WORK="${DEMO_WORK:-$REPO/demo-work}"
+NGINX_PORT="${DEMO_NGINX_PORT:-8443}"
+SIDECAR_PORT="${DEMO_SIDECAR_PORT:-9191}"
+ECHO_PORT="${DEMO_ECHO_PORT:-9292}"
+export IDP_PORT="${IDP_PORT:-4594}"
+
+if [ -t 1 ]; then section() { printf '\n\033[1m=== %s\033[0m\n' "$*"; }; else section() { printf '\n=== %s\n' "$*"; }; fi
+die() { printf 'demo.sh: ERROR: %s\n' "$*" >&2; exit 1; }
+
+# ------------------------------------------------------------------------------ cleanup
+NGINX_PID="" SIDECAR_PID="" ECHO_PID="" IDP_STARTED=no
+cleanup() {
+  local rc=$?
+  section "Stopping what the demo started"
+  stop_pid "$NGINX_PID" nginx
+  stop_pid "$SIDECAR_PID" authz-sidecar
+  stop_pid "$ECHO_PID" "echo upstream"
+  if [ "$IDP_STARTED" = yes ]; then bash "$REPO/scripts/idp-glewlwyd.sh" --stop "$WORK/idp" || true; fi
+  echo "logs are in $WORK"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ------------------------------------------------------------------------------ 1. packages
+section "1. Packages"
+ensure_packages nginx libnginx-mod-http-headers-more-filter glewlwyd sqlite3 jq curl openssl \
+  ca-certificates python3 || die "cannot install the packages"
+echo "nginx $(nginx -v 2>&1 | sed 's/.*\///'), glewlwyd $(dpkg-query -W -f='${Version}' glewlwyd), $(openssl version)"
+
+# ------------------------------------------------------------------------------ 2. build
+section "2. The sidecar"
+if [ -n "${AUTHZ_SIDECAR_BIN:-}" ]; then
+  BIN="$AUTHZ_SIDECAR_BIN"
+  echo "using AUTHZ_SIDECAR_BIN=$BIN"
+else
+  command -v swift >/dev/null || die "swift is not on PATH (https://www.swift.org/install/), or set AUTHZ_SIDECAR_BIN"
+  (cd "$REPO" && swift build --product authz-sidecar)
+  BIN="$(cd "$REPO" && swift build --show-bin-path)/authz-sidecar"
+fi
+[ -x "$BIN" ] || die "$BIN is not an executable"
+
+# ------------------------------------------------------------------------------ 3. work dir, PKI
+section "3. Work directory and certificates"
+for p in "$NGINX_PORT" "$SIDECAR_PORT" "$ECHO_PORT" "$IDP_PORT"; do
+  port_free "$p" || die "127.0.0.1:$p is in use (see the DEMO_*_PORT / IDP_PORT variables)"
+done
+rm -rf "$WORK"
+mkdir -p "$WORK/logs"
+bash "$REPO/scripts/mkcerts.sh" "$WORK/certs"
+
+# ------------------------------------------------------------------------------ 4. Glewlwyd
+section "4. Authorization server (Glewlwyd on 127.0.0.1:$IDP_PORT)"
+IDP_STARTED=yes
+IDP_PKI_DIR="$WORK/certs" bash "$REPO/scripts/idp-glewlwyd.sh" "$WORK/idp"
+# shellcheck disable=SC1091
+. "$WORK/idp/idp.env"
+
+# ------------------------------------------------------------------------------ 5. echo upstream
+section "5. Echo upstream on 127.0.0.1:$ECHO_PORT"
+: > "$WORK/upstream.jsonl"
+python3 "$REPO/scripts/echo_upstream.py" --port "$ECHO_PORT" --log "$WORK/upstream.jsonl" \
+  > "$WORK/logs/echo.log" 2>&1 &
+ECHO_PID=$!
+python3 "$REPO/scripts/stack.py" wait-port "127.0.0.1:$ECHO_PORT"
+echo "PID $ECHO_PID"
+
+# ------------------------------------------------------------------------------ 6. sidecar
+section "6. authz-sidecar on 127.0.0.1:$SIDECAR_PORT"
+cat > "$WORK/sidecar.yaml" <<YAML
+server:
+  listen: 127.0.0.1:$SIDECAR_PORT
+introspection:
+  endpoint: $IDP_INTROSPECT_URL
+  client_id: $IDP_INTROSPECTION_CLIENT_ID
+  # client_secret comes from AUTHZ_INTROSPECTION_CLIENT_SECRET
+  auth_method: client_secret_basic
+  ca_file: $IDP_CA
+  timeout_ms: 1500
+cache:
+  ttl_seconds: 30
+  negative_ttl_seconds: 5
+policies:
+  - name: token-mtls
+    match: { path_prefix: /token-mtls/ }
+    required_scopes: [system-access]
+    certificate_header: X-Client-Cert
+    certificate_format: auto
+  - name: admin
+    match: { path_prefix: /admin-api/ }
+    required_scopes: [admin]
+    certificate_header: X-Client-Cert
+    certificate_format: auto
+YAML
+cat "$WORK/sidecar.yaml"
+AUTHZ_INTROSPECTION_CLIENT_SECRET="$IDP_INTROSPECTION_CLIENT_SECRET" \
+  "$BIN" check-config --config "$WORK/sidecar.yaml" > "$WORK/logs/check-config.txt" 2>&1 \
+  || { cat "$WORK/logs/check-config.txt"; die "check-config failed"; }
+AUTHZ_INTROSPECTION_CLIENT_SECRET="$IDP_INTROSPECTION_CLIENT_SECRET" \
+  "$BIN" serve --config "$WORK/sidecar.yaml" > "$WORK/logs/sidecar.log" 2>&1 &
+SIDECAR_PID=$!
+python3 "$REPO/scripts/stack.py" wait-http "http://127.0.0.1:$SIDECAR_PORT/healthz" \
+  || { tail -20 "$WORK/logs/sidecar.log"; die "the sidecar did not start"; }
+echo "PID $SIDECAR_PID"
+
+# ------------------------------------------------------------------------------ 7. nginx
+section "7. nginx (mTLS) on https://localhost:$NGINX_PORT"
+CONF=$(python3 "$REPO/scripts/stack.py" render-nginx --workdir "$WORK/nginx" --certs "$WORK/certs" \
+  --nginx-port "$NGINX_PORT" --sidecar-port "$SIDECAR_PORT" --upstream-port "$ECHO_PORT")
+nginx -t -q -e "$WORK/nginx/logs/error.log" -c "$CONF"
+nginx -e "$WORK/nginx/logs/error.log" -c "$CONF" > "$WORK/logs/nginx.stdout" 2>&1 &
+NGINX_PID=$!
+python3 "$REPO/scripts/stack.py" wait-port "127.0.0.1:$NGINX_PORT" \
+  || { tail -20 "$WORK/nginx/logs/error.log"; die "nginx did not start"; }
+echo "PID $NGINX_PID, config $CONF (rendered from deploy/nginx.conf)"
+
+# ------------------------------------------------------------------------------ 8. scenario
+C="$WORK/certs"
+get_token() {  # a client_credentials token for client1 (RFC 8705 tls_client_auth)
+  curl -sS --max-time 10 --cacert "$IDP_CA" --cert "$IDP_CLIENT1_CERT" --key "$IDP_CLIENT1_KEY" \
+    -d grant_type=client_credentials -d client_id="$IDP_MTLS_CLIENT_ID" -d scope="$IDP_MTLS_SCOPE" \
+    "$IDP_TOKEN_URL" | jq -r .access_token
+}
+section "8. Tokens from Glewlwyd"
+TOKEN=$(get_token)
+SPARE_TOKEN=$(get_token)     # never shown to the sidecar before the AS goes away (not in its cache)
+[ -n "$TOKEN" ] && [ "$TOKEN" != null ] || die "no token from $IDP_TOKEN_URL"
+echo "client1's token: ${TOKEN:0:8}...${TOKEN: -8} bound to x5t#S256 $("$BIN" thumbprint "$C/client1.crt")"
+
+FAILS=0
+N=0
+# scenario TITLE EXPECTED_STATUS CERT TOKEN PATH
+scenario() {
+  local title="$1" want="$2" cert="$3" token="$4" path="$5" before after status
+  N=$((N + 1))
+  section "Scenario $N: $title"
+  local args=(-sS --max-time 15 --cacert "$C/ca.crt" --cert "$C/$cert.crt" --key "$C/$cert.key"
+              -D "$WORK/headers.txt" -o "$WORK/body.txt" -w '%{http_code}')
+  local shown="curl --cacert ca.crt --cert $cert.crt --key $cert.key"
+  if [ -n "$token" ]; then
+    args+=(-H "Authorization: Bearer $token")
+    shown="$shown -H 'Authorization: Bearer ${token:0:8}...${token: -8}'"
+  fi
+  echo "\$ $shown https://localhost:$NGINX_PORT$path"
+  before=$(wc -l < "$WORK/upstream.jsonl")
+  status=$(curl "${args[@]}" "https://localhost:$NGINX_PORT$path" || true)
+  after=$(wc -l < "$WORK/upstream.jsonl")
+  echo "status: $status"
+  grep -iE '^(content-type|www-authenticate|retry-after):' "$WORK/headers.txt" | sed 's/^/  /' || true
+  if [ "$after" -gt "$before" ]; then
+    echo "body (from the echo upstream): $(jq -c '{method, path, header_count: (.headers | length)}' "$WORK/body.txt")"
+    echo "X-Credential-* headers the upstream saw:"
+    tail -n 1 "$WORK/upstream.jsonl" | jq -r '.raw_headers[] | select(.[0] | test("^x-credential-"; "i")) | "  \(.[0]): \(.[1])"'
+  else
+    echo "body: $(cat "$WORK/body.txt")"
+    echo "(the upstream was not called)"
+  fi
+  if [ "$status" = "$want" ]; then echo "-> $status as expected"; else echo "-> UNEXPECTED: wanted $want"; FAILS=$((FAILS + 1)); fi
+}
+
+scenario "client1 with its own bound token -> 200" 200 client1 "$TOKEN" /token-mtls/resource
+scenario "client2 presents client1's token -> 401 (RFC 8705 binding)" 401 client2 "$TOKEN" /token-mtls/resource
+scenario "no token -> 401 Unauthenticated." 401 client1 "" /token-mtls/resource
+scenario "token without the route's scope (admin) -> 403" 403 client1 "$TOKEN" /admin-api/users
+
+section "Stopping the authorization server"
+bash "$REPO/scripts/idp-glewlwyd.sh" --stop "$WORK/idp"
+IDP_STARTED=no
+scenario "authorization server down, token not cached -> 503" 503 client1 "$SPARE_TOKEN" /token-mtls/resource
+scenario "authorization server down, cached token still allowed -> 200" 200 client1 "$TOKEN" /token-mtls/resource
+
+section "Summary"
+if [ "$FAILS" -eq 0 ]; then
+  echo "all $N scenarios answered as expected"
+else
+  echo "$FAILS of $N scenarios answered unexpectedly (logs: $WORK/logs, $WORK/nginx/logs)"
+  exit 1
+fi

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# test.sh - everything CI runs (.ci/run execs this):
+#   1. prerequisites: apt packages for the integration suite, pytest (into .venv/ if needed)
+#   2. swift build --build-tests           (one build of the package and its tests)
+#   3. swift test --skip-build             (Swift unit tests)
+#   4. pytest tests/integration -q         (nginx + sidecar + fake AS, and Glewlwyd end to end)
+#
+# Usage: scripts/test.sh [--unit-only | --integration-only]
+# Environment: AUTHZ_SIDECAR_BIN (integration: use this binary; default: the one just built)
+# Exits non-zero when any part fails.
+set -uo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+# shellcheck source=scripts/lib.sh
+. "$REPO/scripts/lib.sh"
+
+RUN_UNIT=yes RUN_INTEGRATION=yes
+case "${1:-}" in
+  "") ;;
+  --unit-only) RUN_INTEGRATION=no ;;
+  --integration-only) RUN_UNIT=no ;;
+  -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+  *) echo "usage: $0 [--unit-only | --integration-only]" >&2; exit 2 ;;
+esac
+
+header() { printf '\n==================== %s ====================\n' "$*"; }
+declare -a RESULTS=()
+FAILED=0
+record() {  # part rc
+  if [ "$2" -eq 0 ]; then RESULTS+=("PASS  $1"); else RESULTS+=("FAIL  $1 (exit $2)"); FAILED=1; fi
+}
+finish() {
+  header "Summary"
+  printf '%s\n' "${RESULTS[@]}"
+  exit "$FAILED"
+}
+
+# ------------------------------------------------------------------------------ prerequisites
+header "Prerequisites"
+command -v swift >/dev/null || { echo "swift is not on PATH"; record "prerequisites" 1; finish; }
+swift --version 2>&1 | head -1
+PYTEST=()
+if [ "$RUN_INTEGRATION" = yes ]; then
+  if ! ensure_packages nginx libnginx-mod-http-headers-more-filter glewlwyd sqlite3 jq curl openssl \
+       ca-certificates python3; then
+    record "prerequisites (apt)" 1; finish
+  fi
+  if python3 -c 'import pytest' 2>/dev/null; then
+    PYTEST=(python3 -m pytest)
+  else
+    if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pytest' 2>/dev/null; then
+      echo "pytest is not importable: installing it into $REPO/.venv"
+      python3 -m venv .venv 2>/dev/null || { ensure_packages python3-venv && python3 -m venv .venv; } \
+        || { record "prerequisites (venv)" 1; finish; }
+      .venv/bin/python -m pip install -q pytest || { record "prerequisites (pip install pytest)" 1; finish; }
+    fi
+    PYTEST=(.venv/bin/python -m pytest)
+  fi
+  echo "pytest: $("${PYTEST[@]}" --version 2>&1 | head -1)"
+fi
+record "prerequisites" 0
+
+# ------------------------------------------------------------------------------ build
+if [ "$RUN_UNIT" = yes ]; then
+  header "swift build --build-tests"
+  swift build --build-tests
+  rc=$?
+else
+  header "swift build --product authz-sidecar"
+  swift build --product authz-sidecar
+  rc=$?
+fi
+record "swift build" "$rc"
+[ "$rc" -eq 0 ] || finish
+
+# ------------------------------------------------------------------------------ unit tests
+if [ "$RUN_UNIT" = yes ]; then
+  header "Swift unit tests (swift test --skip-build)"
+  swift test --skip-build
+  record "swift test" $?
+fi
+
+# ------------------------------------------------------------------------------ integration tests
+if [ "$RUN_INTEGRATION" = yes ]; then
+  header "Integration tests (pytest tests/integration)"
+  if [ -z "${AUTHZ_SIDECAR_BIN:-}" ]; then
+    AUTHZ_SIDECAR_BIN="$(swift build --show-bin-path)/authz-sidecar"
+  fi
+  export AUTHZ_SIDECAR_BIN
+  echo "AUTHZ_SIDECAR_BIN=$AUTHZ_SIDECAR_BIN"
+  "${PYTEST[@]}" tests/integration -q -p no:cacheprovider
+  record "pytest tests/integration" $?
+fi
+
+finish
