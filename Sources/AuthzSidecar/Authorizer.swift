@@ -31,7 +31,18 @@ public final class Authorizer: Sendable {
     /// Decides and renders the answer for the proxy that asked.
     public func answer(_ request: AccessRequest) async -> AuthzAnswer {
         let (outcome, policy) = await authorize(request)
-        return AuthzAnswer(outcome: outcome, policy: policy, front: request.front)
+        let answer = AuthzAnswer(outcome: outcome, policy: policy, front: request.front)
+        if !answer.droppedHeaders.isEmpty {
+            // DESIGN.md §6: a claim value with a control character is never emitted.
+            logger.warning(
+                "claim headers dropped: value holds a control character",
+                metadata: [
+                    "authz.policy": "\(policy?.name ?? "none")",
+                    "authz.headers": "\(answer.droppedHeaders.joined(separator: ","))",
+                ]
+            )
+        }
+        return answer
     }
 
     /// Decides (DESIGN.md §5), logging denials and faults.

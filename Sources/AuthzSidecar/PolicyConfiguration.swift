@@ -81,12 +81,18 @@ public struct PolicyConfiguration: Sendable, Equatable {
         }
         if !hosts.isEmpty {
             let lowered = host.lowercased()
-            let bare = lowered.lastIndex(of: ":").map { idx in
-                // keep bracketed IPv6 literals intact: only strip a port after the last ']'
-                lowered[..<idx].contains("]") || !lowered.contains("[") ? String(lowered[..<idx]) : lowered
-            } ?? lowered
+            var bare = lowered[...]
+            if let colon = lowered.lastIndex(of: ":"), !lowered[colon...].contains("]"),
+                lowered[lowered.index(after: colon)...].allSatisfy(\.isASCIIDigit)
+            {
+                bare = lowered[..<colon]
+            }
             guard hosts.contains(where: { $0 == lowered || $0 == bare }) else { return false }
         }
         return true
     }
+}
+
+extension Character {
+    var isASCIIDigit: Bool { isASCII && isNumber }
 }
