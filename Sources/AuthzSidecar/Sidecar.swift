@@ -11,6 +11,8 @@ public struct Sidecar: Sendable {
     public let reachability: ASReachability
     public let decisionApplication: Application<SidecarResponder>
     public let adminApplication: Application<AdminEndpoints>?
+    /// Envoy's gRPC Check service, when `server.grpc_listen` is set.
+    public let grpcService: GRPCServerService?
 
     /// Wires a configuration to an introspector (the HTTP one in production, a closure in tests).
     public init(
@@ -39,11 +41,13 @@ public struct Sidecar: Sendable {
         self.adminApplication = separateAdmin.map { address in
             Application(responder: admin, configuration: .init(address: Self.bindAddress(address), serverName: nil), logger: logger)
         }
+        self.grpcService = configuration.server.grpcListen.map { GRPCServerService(address: $0, authorizer: authorizer) }
     }
 
     /// The services to run, in start order (shutdown runs in reverse).
     public var services: [any Service] {
         [decisionApplication as any Service] + (adminApplication.map { [$0 as any Service] } ?? [])
+            + (grpcService.map { [$0 as any Service] } ?? [])
     }
 
     static func bindAddress(_ address: ListenAddress) -> BindAddress {

@@ -69,6 +69,9 @@ public final class HTTPTokenIntrospector: TokenIntrospector {
             decompression: .disabled
         )
         clientConfiguration.httpVersion = .automatic
+        // A refused connection is a fault now, not after timeout_ms of retries: a hard-down AS
+        // must not cost every request the whole deadline (the next request tries again).
+        clientConfiguration.connectionPool.retryConnectionEstablishment = false
         return HTTPClient(eventLoopGroup: eventLoopGroup, configuration: clientConfiguration)
     }
 
