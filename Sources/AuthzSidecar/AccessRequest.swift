@@ -35,6 +35,39 @@ public struct AccessRequest: Sendable {
         self.headerBytes = headerBytes
     }
 
+    /// The question behind an HTTP request to the decision listener, or nil when the path is
+    /// not a decision path: `/authz` is nginx `auth_request` (a GET; the original method, URI and
+    /// host in `X-Original-*`), `/authz/<path>` is Envoy's HTTP service with `path_prefix: /authz`
+    /// (method and host as sent, the original path after the prefix). DESIGN.md §4.
+    public init?(method: String, target: String, authority: String?, headers: HTTPFields, trustPolicyHeader: Bool) {
+        let headerBytes = headers.reduce(0) { $0 + $1.name.rawName.utf8.count + $1.value.utf8.count + 4 }
+        let policyHint = trustPolicyHeader ? headers[.authzPolicy] : nil
+        let host = authority ?? headers[.host] ?? ""
+        if target == "/authz" || target.hasPrefix("/authz?") {
+            self.init(
+                front: .nginx,
+                method: (headers[.originalMethod] ?? method).uppercased(),
+                path: headers[.originalURI] ?? "/",
+                host: headers[.originalHost] ?? host,
+                headers: headers,
+                policyHint: policyHint,
+                headerBytes: headerBytes
+            )
+        } else if target.hasPrefix("/authz/") {
+            self.init(
+                front: .envoyHTTP,
+                method: method,
+                path: String(target.dropFirst("/authz".count)),
+                host: host,
+                headers: headers,
+                policyHint: policyHint,
+                headerBytes: headerBytes
+            )
+        } else {
+            return nil
+        }
+    }
+
     /// The path without its query string.
     public var pathWithoutQuery: Substring {
         path.firstIndex(where: { $0 == "?" || $0 == "#" }).map { path[..<$0] } ?? path[...]
@@ -55,4 +88,5 @@ extension HTTPField.Name {
     static let authzBody = HTTPField.Name("X-Authz-Body")!
     static let envoyHeadersToRemove = HTTPField.Name("x-envoy-auth-headers-to-remove")!
     static let anonymous = HTTPField.Name("X-Anonymous")!
+    static let host = HTTPField.Name("Host")!
 }

@@ -1,25 +1,32 @@
 import HTTPTypes
-import Hummingbird
 import Introspection
 import NIOCore
 import Prometheus
 
-/// `/healthz`, `/readyz`, `/metrics` and `POST /admin/cache/purge` (DESIGN.md §4).
-public struct AdminEndpoints: HTTPResponder {
-    public typealias Context = BasicRequestContext
+/// `/healthz`, `/readyz`, `/metrics` and `POST /admin/cache/purge` (DESIGN.md §4), free of any
+/// server framework.
+public struct AdminEndpoints: Sendable {
+    /// A plain HTTP answer.
+    public struct Reply: Sendable {
+        public var status: HTTPResponse.Status
+        public var headers: HTTPFields
+        public var body: ByteBuffer
+    }
 
-    let authorizer: Authorizer
+    let cache: CachingTokenIntrospector
     let reachability: ASReachability
     let registry: PrometheusCollectorRegistry?
 
-    public init(authorizer: Authorizer, reachability: ASReachability, registry: PrometheusCollectorRegistry?) {
-        self.authorizer = authorizer
+    public init(cache: CachingTokenIntrospector, reachability: ASReachability, registry: PrometheusCollectorRegistry?) {
+        self.cache = cache
         self.reachability = reachability
         self.registry = registry
     }
 
-    public func respond(to request: Request, context: Context) async throws -> Response {
-        switch (request.method, request.uri.path) {
+    /// The reply for an admin path, or nil when the path is not one.
+    public func respond(method: HTTPRequest.Method, path: String, body: ByteBuffer?) -> Reply? {
+        let path = path.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? path
+        switch (method, path) {
         case (.get, "/healthz"), (.head, "/healthz"):
             return Self.text(.ok, "ok\n")
         case (.get, "/readyz"), (.head, "/readyz"):
@@ -32,46 +39,49 @@ public struct AdminEndpoints: HTTPResponder {
             guard let registry else { return Self.text(.notFound, "metrics are not enabled\n") }
             var headers = HTTPFields()
             headers[.contentType] = "text/plain; version=0.0.4; charset=utf-8"
-            return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: registry.emitToBuffer())))
+            return Reply(status: .ok, headers: headers, body: ByteBuffer(bytes: registry.emitToBuffer()))
         case (.post, "/admin/cache/purge"):
-            let body = try await request.body.collect(upTo: 16 * 1024)
-            return purge(body)
+            return purge(body ?? ByteBuffer())
+        case (_, "/healthz"), (_, "/readyz"), (_, "/metrics"), (_, "/admin/cache/purge"):
+            return Self.text(.methodNotAllowed, "method not allowed\n")
         default:
-            return Response(status: .notFound)
+            return nil
         }
     }
 
+    static let purgeUsage = #"{"error":"expected {\"token\": …}, {\"token_sha256\": …} or {\"all\": true}"}"#
+
     /// `{"token": …}`, `{"token_sha256": "<64 hex>"}` or `{"all": true}` → `{"purged": N}`.
-    func purge(_ body: ByteBuffer) -> Response {
+    func purge(_ body: ByteBuffer) -> Reply {
         guard let document = try? JSONParser.parse(body.readableBytesView), case .object(let members) = document, members.count == 1 else {
-            return Self.json(.badRequest, #"{"error":"expected {\"token\": …}, {\"token_sha256\": …} or {\"all\": true}"}"#)
+            return Self.json(.badRequest, Self.purgeUsage)
         }
         let purged: Int
         switch (members["token"], members["token_sha256"], members["all"]) {
         case (.string(let token)?, nil, nil) where !token.isEmpty:
-            purged = authorizer.cache.purge(TokenDigest(token: token)) ? 1 : 0
+            purged = cache.purge(TokenDigest(token: token)) ? 1 : 0
         case (nil, .string(let hex)?, nil):
             guard let digest = TokenDigest(hex: hex.lowercased()) else {
                 return Self.json(.badRequest, #"{"error":"token_sha256 must be 64 hex digits"}"#)
             }
-            purged = authorizer.cache.purge(digest) ? 1 : 0
+            purged = cache.purge(digest) ? 1 : 0
         case (nil, nil, .bool(true)?):
-            purged = authorizer.cache.purgeAll()
+            purged = cache.purgeAll()
         default:
-            return Self.json(.badRequest, #"{"error":"expected {\"token\": …}, {\"token_sha256\": …} or {\"all\": true}"}"#)
+            return Self.json(.badRequest, Self.purgeUsage)
         }
         return Self.json(.ok, "{\"purged\":\(purged)}")
     }
 
-    static func text(_ status: HTTPResponse.Status, _ text: String) -> Response {
+    static func text(_ status: HTTPResponse.Status, _ text: String) -> Reply {
         var headers = HTTPFields()
         headers[.contentType] = "text/plain; charset=utf-8"
-        return Response(status: status, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(string: text)))
+        return Reply(status: status, headers: headers, body: ByteBuffer(string: text))
     }
 
-    static func json(_ status: HTTPResponse.Status, _ text: String) -> Response {
+    static func json(_ status: HTTPResponse.Status, _ text: String) -> Reply {
         var headers = HTTPFields()
         headers[.contentType] = "application/json"
-        return Response(status: status, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(string: text)))
+        return Reply(status: status, headers: headers, body: ByteBuffer(string: text))
     }
 }

@@ -31,9 +31,83 @@ public final class Authorizer: Sendable {
     /// Decides and renders the answer for the proxy that asked.
     public func answer(_ request: AccessRequest) async -> AuthzAnswer {
         let (outcome, policy) = await authorize(request)
-        let answer = AuthzAnswer(outcome: outcome, policy: policy, front: request.front)
+        return render(outcome, policy: policy, front: request.front)
+    }
+
+    /// The answer without suspending, when no call to the AS is needed: a denial before
+    /// introspection, or a fresh cache hit (the hot path). nil: use `answer(_:)`.
+    public func answerWithoutSuspending(_ request: AccessRequest) -> AuthzAnswer? {
+        let started = clock.now()
+        switch prepare(request, started: started) {
+        case .decided(let outcome, let policy):
+            return render(outcome, policy: policy, front: request.front)
+        case .introspect(let evaluation, _, let digest):
+            guard let info = cache.cached(digest) else { return nil }
+            let outcome = Outcome.decision(evaluation.decide(token: info, request: request, now: clock.now()))
+            record(outcome, policy: evaluation.policy, digest: digest, request: request, started: started)
+            return render(outcome, policy: evaluation.policy, front: request.front)
+        }
+    }
+
+    /// Decides (DESIGN.md §5), logging denials and faults.
+    public func authorize(_ request: AccessRequest) async -> (Outcome, PolicyConfiguration?) {
+        let started = clock.now()
+        switch prepare(request, started: started) {
+        case .decided(let outcome, let policy):
+            return (outcome, policy)
+        case .introspect(let evaluation, let token, let digest):
+            // 3. introspection through the cache
+            let outcome: Outcome
+            do {
+                let answer = try await cache.lookup(token: token, digest: digest)
+                // 4–7. the pure decision
+                outcome = .decision(evaluation.decide(token: answer.info, request: request, now: clock.now()))
+            } catch {
+                outcome = .fault(error)
+            }
+            record(outcome, policy: evaluation.policy, digest: digest, request: request, started: started)
+            return (outcome, evaluation.policy)
+        }
+    }
+
+    /// Steps 1–2, which need no I/O: either a decision already, or the token to introspect.
+    private enum Prepared {
+        case decided(Outcome, PolicyConfiguration?)
+        case introspect(PolicyEvaluation, token: String, digest: TokenDigest)
+    }
+
+    private func prepare(_ request: AccessRequest, started: Double) -> Prepared {
+        // 1. policy
+        guard let evaluation = selectPolicy(for: request) else {
+            let outcome = Outcome.decision(.deny(Denial(.noPolicy, detail: "no policy matches \(request.method) \(request.host)\(request.pathWithoutQuery.prefix(200))")))
+            record(outcome, policy: nil, digest: nil, request: request, started: started)
+            return .decided(outcome, nil)
+        }
+        let policy = evaluation.policy
+        if request.headerBytes > configuration.server.maxHeaderBytes {
+            let outcome = Outcome.decision(.deny(Denial(.requestTooLarge, detail: "\(request.headerBytes) header bytes")))
+            record(outcome, policy: policy, digest: nil, request: request, started: started)
+            return .decided(outcome, policy)
+        }
+        // 2. token
+        switch BearerToken.parse(request.headers[values: .authorization]) {
+        case .missing:
+            let outcome: Outcome = policy.allowAnonymous ? .decision(.allow(Grant(token: nil))) : .decision(.deny(Denial(.noToken)))
+            record(outcome, policy: policy, digest: nil, request: request, started: started)
+            return .decided(outcome, policy)
+        case .malformed(let why):
+            let outcome = Outcome.decision(.deny(Denial(.malformedToken, detail: why)))
+            record(outcome, policy: policy, digest: nil, request: request, started: started)
+            return .decided(outcome, policy)
+        case .token(let token):
+            return .introspect(evaluation, token: token, digest: TokenDigest(token: token))
+        }
+    }
+
+    /// Renders an outcome; logs claim headers dropped for control characters (DESIGN.md §6).
+    private func render(_ outcome: Outcome, policy: PolicyConfiguration?, front: AccessRequest.Front) -> AuthzAnswer {
+        let answer = AuthzAnswer(outcome: outcome, policy: policy, front: front)
         if !answer.droppedHeaders.isEmpty {
-            // DESIGN.md §6: a claim value with a control character is never emitted.
             logger.warning(
                 "claim headers dropped: value holds a control character",
                 metadata: [
@@ -43,49 +117,6 @@ public final class Authorizer: Sendable {
             )
         }
         return answer
-    }
-
-    /// Decides (DESIGN.md §5), logging denials and faults.
-    public func authorize(_ request: AccessRequest) async -> (Outcome, PolicyConfiguration?) {
-        let started = clock.now()
-        // 1. policy
-        guard let evaluation = selectPolicy(for: request) else {
-            let denial = Denial(.noPolicy, detail: "no policy matches \(request.method) \(request.host)\(request.pathWithoutQuery.prefix(200))")
-            record(.decision(.deny(denial)), policy: nil, digest: nil, request: request, started: started)
-            return (.decision(.deny(denial)), nil)
-        }
-        let policy = evaluation.policy
-        if request.headerBytes > configuration.server.maxHeaderBytes {
-            let denial = Denial(.requestTooLarge, detail: "\(request.headerBytes) header bytes")
-            record(.decision(.deny(denial)), policy: policy, digest: nil, request: request, started: started)
-            return (.decision(.deny(denial)), policy)
-        }
-        // 2. token
-        let token: String
-        switch BearerToken.parse(request.headers[values: .authorization]) {
-        case .missing:
-            let outcome: Outcome = policy.allowAnonymous ? .decision(.allow(Grant(token: nil))) : .decision(.deny(Denial(.noToken)))
-            record(outcome, policy: policy, digest: nil, request: request, started: started)
-            return (outcome, policy)
-        case .malformed(let why):
-            let outcome = Outcome.decision(.deny(Denial(.malformedToken, detail: why)))
-            record(outcome, policy: policy, digest: nil, request: request, started: started)
-            return (outcome, policy)
-        case .token(let value):
-            token = value
-        }
-        // 3. introspection through the cache
-        let digest = TokenDigest(token: token)
-        let outcome: Outcome
-        do {
-            let answer = try await cache.lookup(token: token, digest: digest)
-            // 4–7. the pure decision
-            outcome = .decision(evaluation.decide(token: answer.info, request: request, now: clock.now()))
-        } catch {
-            outcome = .fault(error)
-        }
-        record(outcome, policy: policy, digest: digest, request: request, started: started)
-        return (outcome, policy)
     }
 
     /// The policy the proxy named (the front end passes a hint only from a trusted source), else

@@ -78,6 +78,19 @@ public final class CachingTokenIntrospector: TokenIntrospector {
         try await lookup(token: token, digest: TokenDigest(token: token)).info
     }
 
+    /// A fresh cached answer, without suspending: the hot path. nil on a miss (and for an
+    /// entry that is stale or past `exp`), in which case `lookup` must be used.
+    public func cached(_ digest: TokenDigest) -> TokenInfo? {
+        let now = clock.now()
+        let info: TokenInfo? = shards[digest.shard(of: shards.count)].state.withLock { state in
+            guard case .fresh(let info) = state.entries.lookup(digest, now: now) else { return nil }
+            if info.active, let exp = info.exp, Double(exp) <= now { return nil }
+            return info
+        }
+        if info != nil { metrics.hits.increment() }
+        return info
+    }
+
     /// Looks a token up, calling the upstream introspector on a miss.
     public func lookup(token: String, digest: TokenDigest) async throws(IntrospectionError) -> Answer {
         let shard = shards[digest.shard(of: shards.count)]

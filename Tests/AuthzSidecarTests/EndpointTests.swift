@@ -1,8 +1,7 @@
 @testable import AuthzSidecar
 import Foundation
 import HTTPTypes
-import Hummingbird
-import HummingbirdTesting
+import NIOCore
 import Introspection
 import Logging
 import Synchronization
@@ -94,12 +93,11 @@ struct EndpointTests {
         }
     }
 
-    static func withSidecar(_ body: @Sendable (any TestClientProtocol, CallCounter, LogCapture) async throws -> Void) async throws {
+    static func withSidecar(_ body: @Sendable (LiveClient, CallCounter, LogCapture) async throws -> Void) async throws {
         let configuration = try SidecarConfiguration.parse(yaml: yaml)
         let calls = CallCounter()
         let logs = LogCapture()
-        let sidecar = Sidecar(configuration: configuration, introspector: introspector(calls: calls), logger: logs.logger)
-        try await sidecar.decisionApplication.test(.router) { client in
+        try await withLiveSidecar(configuration: configuration, introspector: introspector(calls: calls), logger: logs.logger) { client, _ in
             try await body(client, calls, logs)
         }
     }
