@@ -68,9 +68,9 @@ public struct AccessRequest: Sendable {
         }
     }
 
-    /// The path without its query string.
+    /// The path policies match: without query, dot segments resolved, slashes merged.
     public var pathWithoutQuery: Substring {
-        path.firstIndex(where: { $0 == "?" || $0 == "#" }).map { path[..<$0] } ?? path[...]
+        RequestPath.normalized(path[...])
     }
 
     /// `X-Request-Id` when the proxy sent one (for log correlation), bounded.
