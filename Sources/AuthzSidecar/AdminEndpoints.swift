@@ -13,12 +13,12 @@ public struct AdminEndpoints: Sendable {
         public var body: ByteBuffer
     }
 
-    let cache: CachingTokenIntrospector
+    let slot: AuthorizerSlot
     let reachability: ASReachability
     let registry: PrometheusCollectorRegistry?
 
-    public init(cache: CachingTokenIntrospector, reachability: ASReachability, registry: PrometheusCollectorRegistry?) {
-        self.cache = cache
+    public init(slot: AuthorizerSlot, reachability: ASReachability, registry: PrometheusCollectorRegistry?) {
+        self.slot = slot
         self.reachability = reachability
         self.registry = registry
     }
@@ -57,6 +57,7 @@ public struct AdminEndpoints: Sendable {
             return Self.json(.badRequest, Self.purgeUsage)
         }
         let purged: Int
+        let cache = slot.current.cache
         switch (members["token"], members["token_sha256"], members["all"]) {
         case (.string(let token)?, nil, nil) where !token.isEmpty:
             purged = cache.purge(TokenDigest(token: token)) ? 1 : 0

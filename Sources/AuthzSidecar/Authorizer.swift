@@ -1,6 +1,7 @@
 import HTTPTypes
 import Introspection
 import Logging
+import Metrics
 
 /// Token → introspection (cached) → policy → decision, logged and counted (DESIGN.md §5, §8).
 public final class Authorizer: Sendable {
@@ -18,13 +19,19 @@ public final class Authorizer: Sendable {
     private let metrics: DecisionMetrics
     private let faultLog: RateLimitedLog
 
-    public init(configuration: SidecarConfiguration, cache: CachingTokenIntrospector, clock: any EpochClock = SystemEpochClock(), logger: Logger = Logger(label: "authz")) {
+    public init(
+        configuration: SidecarConfiguration,
+        cache: CachingTokenIntrospector,
+        clock: any EpochClock = SystemEpochClock(),
+        logger: Logger = Logger(label: "authz"),
+        metrics factory: any MetricsFactory = MetricsSystem.factory
+    ) {
         self.configuration = configuration
         self.cache = cache
         self.evaluations = configuration.policies.map { PolicyEvaluation(policy: $0, expectedIssuer: configuration.introspection.expectedIssuer) }
         self.clock = clock
         self.logger = logger
-        self.metrics = DecisionMetrics(policies: configuration.policies.map(\.name))
+        self.metrics = DecisionMetrics(policies: configuration.policies.map(\.name), factory: factory)
         self.faultLog = RateLimitedLog(clock: clock, interval: 10)
     }
 

@@ -8,19 +8,20 @@ struct DecisionMetrics: Sendable {
     private let counters: [String: Counter]
     private let fallback: Counter
 
-    init(policies: [String]) {
+    init(policies: [String], factory: any MetricsFactory) {
         var counters: [String: Counter] = [:]
         let pairs = [("allow", "granted"), ("allow", "anonymous"), ("fault", "as_fault")] + DenialReason.allCases.map { ("deny", $0.rawValue) }
         for policy in policies + ["none"] {
             for (outcome, reason) in pairs {
                 counters["\(policy)|\(outcome)|\(reason)"] = Counter(
                     label: "authz_decisions_total",
-                    dimensions: [("policy", policy), ("outcome", outcome), ("reason", reason)]
+                    dimensions: [("policy", policy), ("outcome", outcome), ("reason", reason)],
+                    factory: factory
                 )
             }
         }
         self.counters = counters
-        self.fallback = Counter(label: "authz_decisions_total", dimensions: [("policy", "other"), ("outcome", "other"), ("reason", "other")])
+        self.fallback = Counter(label: "authz_decisions_total", dimensions: [("policy", "other"), ("outcome", "other"), ("reason", "other")], factory: factory)
     }
 
     func count(policy: String, outcome: String, reason: String) {

@@ -16,7 +16,7 @@ import Synchronization
 public struct DecisionServer: Service {
     /// What this listener serves.
     struct Routes: Sendable {
-        var authorizer: Authorizer?
+        var decisions: AuthorizerSlot?
         var admin: AdminEndpoints?
     }
 
@@ -63,7 +63,7 @@ public struct DecisionServer: Service {
             channel = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
         }
         onBound(channel.localAddress?.port)
-        logger.info("listening", metadata: ["authz.listen": "\(address)", "authz.serves": "\(routes.authorizer == nil ? "admin" : routes.admin == nil ? "decisions" : "decisions+admin")"])
+        logger.info("listening", metadata: ["authz.listen": "\(address)", "authz.serves": "\(routes.decisions == nil ? "admin" : routes.admin == nil ? "decisions" : "decisions+admin")"])
 
         let stopped = channel.eventLoop.makePromise(of: Void.self)
         let initiated = Atomic<Bool>(false)
@@ -118,7 +118,7 @@ final class DecisionHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private func respond(to request: HTTPRequest, context: ChannelHandlerContext) {
         let target = request.path ?? "/"
-        if let authorizer = routes.authorizer,
+        if let authorizer = routes.decisions?.current,
             let access = AccessRequest(
                 method: request.method.rawValue, target: target, authority: request.authority, headers: request.headerFields,
                 trustPolicyHeader: authorizer.configuration.server.trustPolicyHeader

@@ -7,18 +7,19 @@ import SwiftProtobuf
 /// Envoy's gRPC external authorization, `envoy.service.auth.v3.Authorization/Check`
 /// (DESIGN.md §4): the same decision as the HTTP front ends, mapped to a `CheckResponse`.
 public struct EnvoyGRPCService: Envoy_Service_Auth_V3_Authorization.SimpleServiceProtocol {
-    let authorizer: Authorizer
+    let slot: AuthorizerSlot
 
     /// google.rpc.Code values for `CheckResponse.status`.
     static let ok: Int32 = 0
     static let permissionDenied: Int32 = 7
     static let unauthenticated: Int32 = 16
 
-    public init(authorizer: Authorizer) {
-        self.authorizer = authorizer
+    public init(slot: AuthorizerSlot) {
+        self.slot = slot
     }
 
     public func check(request: Envoy_Service_Auth_V3_CheckRequest, context: ServerContext) async throws -> Envoy_Service_Auth_V3_CheckResponse {
+        let authorizer = slot.current
         let access = Self.accessRequest(request, trustPolicyHeader: authorizer.configuration.server.trustPolicyHeader)
         let (outcome, policy) = await authorizer.authorize(access)
         if case .fault = outcome {

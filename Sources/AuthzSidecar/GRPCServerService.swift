@@ -7,7 +7,7 @@ import ServiceLifecycle
 public struct GRPCServerService: Service {
     let server: GRPCServer<HTTP2ServerTransport.Posix>
 
-    init(address: ListenAddress, authorizer: Authorizer) {
+    init(address: ListenAddress, slot: AuthorizerSlot) {
         let bind: GRPCNIOTransportCore.SocketAddress
         switch address {
         case .tcp(let host, let port):
@@ -18,7 +18,7 @@ public struct GRPCServerService: Service {
         }
         server = GRPCServer(
             transport: .http2NIOPosix(address: bind, transportSecurity: .plaintext),
-            services: [EnvoyGRPCService(authorizer: authorizer)]
+            services: [EnvoyGRPCService(slot: slot)]
         )
     }
 

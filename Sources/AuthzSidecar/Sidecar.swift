@@ -1,12 +1,38 @@
 import Introspection
 import Logging
+import Metrics
 import Prometheus
 import ServiceLifecycle
+import Synchronization
 
-/// The assembled service: the authorizer, its listeners (decisions, admin, gRPC) and the queue
-/// that runs cache misses.
+/// The authorizer in force. A reload swaps it whole: each request takes the one current when it
+/// arrives and finishes on it.
+public final class AuthorizerSlot: Sendable {
+    /// One configuration's authorizer and the (instrumented) AS client its cache calls.
+    struct Generation: Sendable {
+        var authorizer: Authorizer
+        var upstream: any TokenIntrospector
+    }
+
+    private let generation: Mutex<Generation>
+
+    init(_ generation: Generation) {
+        self.generation = Mutex(generation)
+    }
+
+    public var current: Authorizer { generation.withLock { $0.authorizer } }
+
+    var currentGeneration: Generation { generation.withLock { $0 } }
+
+    func replace(with next: Generation) {
+        generation.withLock { $0 = next }
+    }
+}
+
+/// The assembled service: the authorizer, its listeners (decisions, admin, gRPC), the queue that
+/// runs cache misses, and the readiness probe.
 public struct Sidecar: Sendable {
-    public let authorizer: Authorizer
+    public let slot: AuthorizerSlot
     public let reachability: ASReachability
     public let admin: AdminEndpoints
     let queue: DecisionQueue
@@ -14,6 +40,9 @@ public struct Sidecar: Sendable {
     let adminServer: DecisionServer?
     /// Envoy's gRPC Check service, when `server.grpc_listen` is set.
     public let grpcService: GRPCServerService?
+    private let clock: any EpochClock
+    private let logger: Logger
+    private let metricsFactory: any MetricsFactory
 
     /// Wires a configuration to an introspector (the HTTP one in production, a closure in tests).
     /// `onBound` learns each HTTP listener's port (tests listen on port 0).
@@ -23,41 +52,92 @@ public struct Sidecar: Sendable {
         registry: PrometheusCollectorRegistry? = nil,
         clock: any EpochClock = SystemEpochClock(),
         logger: Logger = Logger(label: "authz"),
+        metrics factory: any MetricsFactory = MetricsSystem.factory,
         onBound: @escaping @Sendable (_ admin: Bool, _ port: Int?) -> Void = { _, _ in }
     ) {
+        self.clock = clock
+        self.logger = logger
+        self.metricsFactory = factory
         let reachability = ASReachability()
-        let cache = CachingTokenIntrospector(
-            upstream: InstrumentedTokenIntrospector(introspector, reachability: reachability),
-            configuration: configuration.cache,
-            clock: clock
-        )
-        let authorizer = Authorizer(configuration: configuration, cache: cache, clock: clock, logger: logger)
-        let admin = AdminEndpoints(cache: cache, reachability: reachability, registry: registry)
+        let upstream = InstrumentedTokenIntrospector(introspector, reachability: reachability, metrics: factory)
+        let cache = CachingTokenIntrospector(upstream: upstream, configuration: configuration.cache, clock: clock, metrics: factory)
+        let slot = AuthorizerSlot(.init(
+            authorizer: Authorizer(configuration: configuration, cache: cache, clock: clock, logger: logger, metrics: factory),
+            upstream: upstream
+        ))
+        let admin = AdminEndpoints(slot: slot, reachability: reachability, registry: registry)
         let queue = DecisionQueue()
         let separateAdmin = configuration.server.adminListen
-        self.authorizer = authorizer
+        self.slot = slot
         self.reachability = reachability
         self.admin = admin
         self.queue = queue
         self.decisionServer = DecisionServer(
             address: configuration.server.listen,
-            routes: .init(authorizer: authorizer, admin: separateAdmin == nil ? admin : nil),
+            routes: .init(decisions: slot, admin: separateAdmin == nil ? admin : nil),
             queue: queue,
             logger: logger,
             onBound: { onBound(false, $0) }
         )
         self.adminServer = separateAdmin.map { address in
-            DecisionServer(address: address, routes: .init(authorizer: nil, admin: admin), queue: queue, logger: logger, onBound: { onBound(true, $0) })
+            DecisionServer(address: address, routes: .init(decisions: nil, admin: admin), queue: queue, logger: logger, onBound: { onBound(true, $0) })
         }
-        self.grpcService = configuration.server.grpcListen.map { GRPCServerService(address: $0, authorizer: authorizer) }
+        self.grpcService = configuration.server.grpcListen.map { GRPCServerService(address: $0, slot: slot) }
     }
+
+    /// The authorizer in force.
+    public var authorizer: Authorizer { slot.current }
 
     /// The services to run, in start order; shutdown runs in reverse, so the listeners drain
     /// before the queue they hand misses to.
     public var services: [any Service] {
-        var services: [any Service] = [queue, decisionServer]
+        var services: [any Service] = [ReachabilityProbe(slot: slot, reachability: reachability), queue, decisionServer]
         if let adminServer { services.append(adminServer) }
         if let grpcService { services.append(grpcService) }
         return services
+    }
+
+    /// What a reload did with the cache.
+    public enum CacheFate: String, Sendable {
+        case kept, dropped
+    }
+
+    /// Swaps in a validated configuration (the caller validated it). `introspector` is the new AS
+    /// client when the introspection settings changed, nil to keep the current one; the cache is
+    /// kept only when the AS client and the cache settings are unchanged. Listener addresses are
+    /// fixed at start: a change there needs a restart (logged).
+    @discardableResult
+    public func reload(to configuration: SidecarConfiguration, introspector: (any TokenIntrospector)?) -> CacheFate {
+        let old = slot.currentGeneration
+        if configuration.server != old.authorizer.configuration.server {
+            logger.warning("server settings changed: listeners keep their addresses until a restart")
+        }
+        let upstream = introspector.map { InstrumentedTokenIntrospector($0, reachability: reachability, metrics: metricsFactory) } ?? old.upstream
+        let keep = introspector == nil && configuration.cache == old.authorizer.configuration.cache
+        let cache = keep ? old.authorizer.cache : CachingTokenIntrospector(upstream: upstream, configuration: configuration.cache, clock: clock, metrics: metricsFactory)
+        let authorizer = Authorizer(configuration: configuration, cache: cache, clock: clock, logger: logger, metrics: metricsFactory)
+        slot.replace(with: .init(authorizer: authorizer, upstream: upstream))
+        return keep ? .kept : .dropped
+    }
+}
+
+/// While the AS is unreachable, asks it again every few seconds (bypassing the cache), so that
+/// `/readyz` recovers even when no traffic arrives, as when an orchestrator stops sending any.
+struct ReachabilityProbe: Service {
+    let slot: AuthorizerSlot
+    let reachability: ASReachability
+    var interval: Duration = .seconds(5)
+
+    func run() async throws {
+        while !Task.isCancelled, !Task.isShuttingDownGracefully {
+            do {
+                try await cancelWhenGracefulShutdown { try await Task.sleep(for: interval) }
+            } catch {
+                return
+            }
+            if reachability.current == .unreachable {
+                await slot.current.cache.probeUpstream()
+            }
+        }
     }
 }

@@ -16,8 +16,9 @@ struct Serve: AsyncParsableCommand {
 
     func run() async throws {
         let configuration: SidecarConfiguration
+        let path = try options.path()
         do {
-            configuration = try SidecarConfiguration.load(path: try options.path())
+            configuration = try SidecarConfiguration.load(path: path)
         } catch let error as ConfigurationError {
             FileHandle.standardError.write(Data((error.description + "\n").utf8))
             throw ExitCode(1)
@@ -52,21 +53,13 @@ struct Serve: AsyncParsableCommand {
         )
         let group = ServiceGroup(
             configuration: .init(
-                services: [.init(service: HTTPClientService(client: client))] + sidecar.services.map { .init(service: $0) },
+                // The reloader owns the AS client: it starts first and so stops last.
+                services: [.init(service: ConfigReloader(path: path, configuration: configuration, client: client, sidecar: sidecar, logger: logger))]
+                    + sidecar.services.map { .init(service: $0) },
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger
             )
         )
         try await group.run()
-    }
-}
-
-/// Shuts the AS client down after the listeners have drained (services stop in reverse order).
-struct HTTPClientService: Service {
-    let client: HTTPClient
-
-    func run() async throws {
-        try? await gracefulShutdown()
-        try await client.shutdown()
     }
 }

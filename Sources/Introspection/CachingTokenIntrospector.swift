@@ -64,14 +64,20 @@ public final class CachingTokenIntrospector: TokenIntrospector {
 
     /// - Parameters:
     ///   - shardCount: independent locks; a power of two near the core count is plenty.
-    public init(upstream: any TokenIntrospector, configuration: CacheConfiguration, clock: any EpochClock = SystemEpochClock(), shardCount: Int = 16, metricsPrefix: String = "authz") {
+    public init(
+        upstream: any TokenIntrospector,
+        configuration: CacheConfiguration,
+        clock: any EpochClock = SystemEpochClock(),
+        shardCount: Int = 16,
+        metrics factory: any MetricsFactory = MetricsSystem.factory
+    ) {
         self.upstream = upstream
         self.configuration = configuration
         self.clock = clock
         let shardCount = max(1, min(shardCount, configuration.maxEntries))
         let perShard = max(1, (configuration.maxEntries + shardCount - 1) / shardCount)
         self.shards = (0..<shardCount).map { _ in Shard(capacity: perShard) }
-        self.metrics = CacheMetrics(prefix: metricsPrefix)
+        self.metrics = CacheMetrics(factory: factory)
     }
 
     public func introspect(_ token: String) async throws(IntrospectionError) -> TokenInfo {
@@ -195,6 +201,12 @@ public final class CachingTokenIntrospector: TokenIntrospector {
         shards.reduce(0) { total, shard in total + shard.state.withLock { $0.entries.removeAll() } }
     }
 
+    /// Calls the upstream introspector directly, bypassing the cache, with a token no AS knows:
+    /// the readiness probe (its outcome feeds `ASReachability` when the upstream is instrumented).
+    public func probeUpstream() async {
+        _ = try? await upstream.introspect("authz-sidecar-readiness-probe")
+    }
+
     /// Cached answers (expired ones count until met).
     public var count: Int {
         shards.reduce(0) { total, shard in total + shard.state.withLock { $0.entries.count } }
@@ -209,11 +221,11 @@ struct CacheMetrics: Sendable {
     let evictions: Counter
     let staleServes: Counter
 
-    init(prefix: String) {
-        hits = Counter(label: "\(prefix)_cache_hits_total")
-        misses = Counter(label: "\(prefix)_cache_misses_total")
-        coalesced = Counter(label: "\(prefix)_cache_coalesced_waits_total")
-        evictions = Counter(label: "\(prefix)_cache_evictions_total")
-        staleServes = Counter(label: "\(prefix)_cache_stale_serves_total")
+    init(factory: any MetricsFactory) {
+        hits = Counter(label: "authz_cache_hits_total", factory: factory)
+        misses = Counter(label: "authz_cache_misses_total", factory: factory)
+        coalesced = Counter(label: "authz_cache_coalesced_waits_total", factory: factory)
+        evictions = Counter(label: "authz_cache_evictions_total", factory: factory)
+        staleServes = Counter(label: "authz_cache_stale_serves_total", factory: factory)
     }
 }

@@ -34,13 +34,15 @@ public struct InstrumentedTokenIntrospector: TokenIntrospector {
     private let duration: Timer
     private let active: Counter
     private let inactive: Counter
+    private let factory: any MetricsFactory
 
-    public init(_ upstream: any TokenIntrospector, reachability: ASReachability) {
+    public init(_ upstream: any TokenIntrospector, reachability: ASReachability, metrics factory: any MetricsFactory = MetricsSystem.factory) {
         self.upstream = upstream
         self.reachability = reachability
-        self.duration = Timer(label: "authz_introspection_duration_seconds", preferredDisplayUnit: .seconds)
-        self.active = Counter(label: "authz_introspection_calls_total", dimensions: [("outcome", "active")])
-        self.inactive = Counter(label: "authz_introspection_calls_total", dimensions: [("outcome", "inactive")])
+        self.factory = factory
+        self.duration = Timer(label: "authz_introspection_duration_seconds", preferredDisplayUnit: .seconds, factory: factory)
+        self.active = Counter(label: "authz_introspection_calls_total", dimensions: [("outcome", "active")], factory: factory)
+        self.inactive = Counter(label: "authz_introspection_calls_total", dimensions: [("outcome", "inactive")], factory: factory)
     }
 
     public func introspect(_ token: String) async throws(IntrospectionError) -> TokenInfo {
@@ -57,7 +59,7 @@ public struct InstrumentedTokenIntrospector: TokenIntrospector {
         case .success(let info):
             (info.active ? active : inactive).increment()
         case .failure(let error):
-            Counter(label: "authz_introspection_calls_total", dimensions: [("outcome", "fault_\(error.label)")]).increment()
+            Counter(label: "authz_introspection_calls_total", dimensions: [("outcome", "fault_\(error.label)")], factory: factory).increment()
         }
         return try result.get()
     }

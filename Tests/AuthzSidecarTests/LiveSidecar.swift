@@ -18,6 +18,8 @@ struct TestResponse: Sendable {
 struct LiveClient: Sendable {
     let http: HTTPClient
     let port: Int
+    /// Starts the sidecar's graceful shutdown (what SIGTERM does).
+    let shutdown: @Sendable () async -> Void
 
     func execute(
         uri: String, method: HTTPRequest.Method, headers: HTTPFields = HTTPFields(), body: ByteBuffer? = nil,
@@ -59,7 +61,7 @@ func withLiveSidecar(
         guard let port = await iterator.next() else { return }
         let http = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup)
         do {
-            try await body(LiveClient(http: http, port: port), sidecar)
+            try await body(LiveClient(http: http, port: port, shutdown: { await group.triggerGracefulShutdown() }), sidecar)
         } catch {
             try? await http.shutdown()
             await group.triggerGracefulShutdown()

@@ -174,7 +174,8 @@ def pytest_runtest_makereport(item, call):
 class Sidecar:
     """A running authz-sidecar (serve --config)."""
 
-    def __init__(self, workdir: Path, config: dict, env: "dict | None" = None, name: str = "sidecar"):
+    def __init__(self, workdir: Path, config: dict, env: "dict | None" = None, name: str = "sidecar",
+                 health_base: "str | None" = None):
         self.port = stack.free_port()
         config = dict(config)
         config["server"] = {**config.get("server", {}), "listen": f"127.0.0.1:{self.port}"}
@@ -189,7 +190,8 @@ class Sidecar:
                                          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=penv)
         _LOGS.append((name, self.log_path))
         try:
-            stack.wait_http(self.base + "/healthz", timeout=20, proc=self.proc)
+            # /healthz lives on server.admin_listen when one is set (pass its base URL)
+            stack.wait_http((health_base or self.base) + "/healthz", timeout=20, proc=self.proc)
         except (TimeoutError, RuntimeError) as e:
             self.stop()
             pytest.fail(f"authz-sidecar did not start: {e}\nconfig:\n{self.config_path.read_text()}\n"

@@ -1,0 +1,102 @@
+import AsyncHTTPClient
+import AuthzSidecar
+import Foundation
+import Introspection
+import Logging
+import ServiceLifecycle
+import UnixSignals
+
+/// Reloads the configuration on SIGHUP and when the file changes (checked every 2 s): the new
+/// file is validated first; an invalid one is logged and the running configuration stays; a
+/// valid one is swapped in atomically. Owns the AS HTTP clients: a client replaced by a reload is
+/// shut down once requests on it have had time to finish, the last one at shutdown.
+actor ConfigReloader: Service {
+    private let path: String
+    private let sidecar: Sidecar
+    private let logger: Logger
+    private var configuration: SidecarConfiguration
+    private var client: HTTPClient
+    private var fileContents: String?
+
+    init(path: String, configuration: SidecarConfiguration, client: HTTPClient, sidecar: Sidecar, logger: Logger) {
+        self.path = path
+        self.configuration = configuration
+        self.client = client
+        self.sidecar = sidecar
+        self.logger = logger
+        self.fileContents = try? String(contentsOfFile: path, encoding: .utf8)
+    }
+
+    nonisolated func run() async throws {
+        let hangups = await UnixSignalsSequence(trapping: .sighup)
+        await withDiscardingTaskGroup { group in
+            group.addTask {
+                for await _ in hangups.cancelOnGracefulShutdown() {
+                    await self.reload(reason: "SIGHUP")
+                }
+            }
+            group.addTask {
+                while !Task.isShuttingDownGracefully {
+                    do {
+                        try await cancelWhenGracefulShutdown { try await Task.sleep(for: .seconds(2)) }
+                    } catch {
+                        return
+                    }
+                    await self.reloadIfFileChanged()
+                }
+            }
+        }
+        // The listeners and the queue have drained (they stop before this service).
+        try await shutdownClient()
+    }
+
+    private func shutdownClient() async throws {
+        try await client.shutdown()
+    }
+
+    private func reloadIfFileChanged() async {
+        let contents = try? String(contentsOfFile: path, encoding: .utf8)
+        guard contents != fileContents else { return }
+        await reload(reason: "file changed")
+    }
+
+    /// Validates and applies the file; never leaves the sidecar without a working configuration.
+    func reload(reason: String) async {
+        fileContents = try? String(contentsOfFile: path, encoding: .utf8)
+        let next: SidecarConfiguration
+        do {
+            next = try SidecarConfiguration.load(path: path)
+        } catch {
+            logger.error("configuration rejected, the running one stays", metadata: ["authz.reload": "\(reason)", "authz.problems": "\(error)"])
+            return
+        }
+        guard next != configuration else {
+            logger.info("configuration unchanged", metadata: ["authz.reload": "\(reason)"])
+            return
+        }
+        var retired: HTTPClient?
+        var introspector: (any TokenIntrospector)?
+        if next.introspection != configuration.introspection {
+            do {
+                let fresh = try HTTPTokenIntrospector.makeHTTPClient(for: next.introspection)
+                introspector = HTTPTokenIntrospector(configuration: next.introspection, client: fresh, logger: logger)
+                retired = client
+                client = fresh
+            } catch {
+                logger.error("configuration rejected: cannot set up the AS client", metadata: ["authz.reload": "\(reason)", "authz.problems": "\(error)"])
+                return
+            }
+        }
+        let fate = sidecar.reload(to: next, introspector: introspector)
+        configuration = next
+        logger.notice(
+            "configuration reloaded",
+            metadata: ["authz.reload": "\(reason)", "authz.cache": "\(fate.rawValue)", "authz.policies": "\(next.policies.map(\.name).joined(separator: ","))"]
+        )
+        if let retired {
+            // Requests that took the old authorizer finish within the AS deadline.
+            try? await Task.sleep(for: .milliseconds(configuration.introspection.timeoutMilliseconds + 1000))
+            try? await retired.shutdown()
+        }
+    }
+}
