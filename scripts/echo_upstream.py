@@ -2,10 +2,11 @@
 """A tiny HTTP upstream for the demo and the tests: answers every request with 200 and a JSON
 description of what it received, so one can see which X-Credential-* headers nginx passed on.
 
-    python3 scripts/echo_upstream.py [--port 9292] [--log FILE.jsonl]
+    python3 scripts/echo_upstream.py [--port 9292] [--host 127.0.0.1] [--log FILE.jsonl]
 
 Answer body: {"method": ..., "path": ..., "headers": {lower-case name: value}, "raw_headers": [[name, value], ...]}
-Listens on 127.0.0.1 only. Standard library only; tests import EchoUpstream and read .requests.
+Listens on 127.0.0.1 unless --host says otherwise (the compose demo runs it in a container with
+--host 0.0.0.0). Standard library only; tests import EchoUpstream and read .requests.
 """
 from __future__ import annotations
 
@@ -59,8 +60,8 @@ class EchoUpstream(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, port: int = 0, log_path: "str | None" = None):
-        super().__init__(("127.0.0.1", port), _Handler)
+    def __init__(self, port: int = 0, log_path: "str | None" = None, host: str = "127.0.0.1"):
+        super().__init__((host, port), _Handler)
         self.requests: list[dict] = []
         self._lock = threading.Lock()
         self._log_path = log_path
@@ -88,12 +89,13 @@ class EchoUpstream(ThreadingHTTPServer):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="echo upstream on 127.0.0.1")
+    p = argparse.ArgumentParser(description="echo upstream (on 127.0.0.1 by default)")
     p.add_argument("--port", type=int, default=9292)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--log", help="append each request as one JSON line to this file")
     a = p.parse_args()
-    srv = EchoUpstream(a.port, a.log)
-    print(f"echo upstream on http://127.0.0.1:{srv.port}", flush=True)
+    srv = EchoUpstream(a.port, a.log, host=a.host)
+    print(f"echo upstream on http://{a.host}:{srv.port}", flush=True)
     try:
         srv.serve_forever()
     except KeyboardInterrupt:
