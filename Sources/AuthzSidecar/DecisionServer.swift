@@ -24,10 +24,15 @@ public struct DecisionServer: Service {
     let routes: Routes
     let queue: DecisionQueue
     let logger: Logger
+    let idleTimeoutSeconds: Int
     let onBound: @Sendable (Int?) -> Void
 
-    init(address: ListenAddress, routes: Routes, queue: DecisionQueue, logger: Logger, onBound: @escaping @Sendable (Int?) -> Void = { _ in }) {
+    init(
+        address: ListenAddress, routes: Routes, queue: DecisionQueue, logger: Logger, idleTimeoutSeconds: Int = 75,
+        onBound: @escaping @Sendable (Int?) -> Void = { _ in }
+    ) {
         self.address = address
+        self.idleTimeoutSeconds = idleTimeoutSeconds
         self.routes = routes
         self.queue = queue
         self.logger = logger
@@ -39,6 +44,7 @@ public struct DecisionServer: Service {
         let quiesce = ServerQuiescingHelper(group: group)
         let routes = routes
         let queue = queue
+        let idleTimeout = TimeAmount.seconds(Int64(idleTimeoutSeconds))
         var bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -51,7 +57,7 @@ public struct DecisionServer: Service {
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
                     try channel.pipeline.syncOperations.addHandler(HTTP1ToHTTPServerCodec(secure: false))
-                    try channel.pipeline.syncOperations.addHandler(DecisionHandler(routes: routes, queue: queue))
+                    try channel.pipeline.syncOperations.addHandler(DecisionHandler(routes: routes, queue: queue, idleTimeout: idleTimeout))
                 }
             }
         let channel: any Channel
@@ -92,17 +98,47 @@ final class DecisionHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private let routes: DecisionServer.Routes
     private let queue: DecisionQueue
+    private let idleTimeout: TimeAmount
     private var head: HTTPRequest?
     private var body: ByteBuffer?
+    /// Closes the connection unless a complete request head arrives in time, counted from the
+    /// connection's start or the previous answer: ends idle keep-alive connections and clients
+    /// that trickle a request byte by byte alike.
+    private var headDeadline: Scheduled<Void>?
 
-    init(routes: DecisionServer.Routes, queue: DecisionQueue) {
+    init(routes: DecisionServer.Routes, queue: DecisionQueue, idleTimeout: TimeAmount) {
         self.routes = routes
         self.queue = queue
+        self.idleTimeout = idleTimeout
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { armHeadDeadline(context: context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        armHeadDeadline(context: context)
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        headDeadline?.cancel()
+        headDeadline = nil
+        context.fireChannelInactive()
+    }
+
+    private func armHeadDeadline(context: ChannelHandlerContext) {
+        headDeadline?.cancel()
+        headDeadline = context.eventLoop.assumeIsolated().scheduleTask(in: idleTimeout) {
+            context.close(promise: nil)
+        }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
         case .head(let request):
+            headDeadline?.cancel()
+            headDeadline = nil
             head = request
             body = nil
         case .body(var chunk):
@@ -155,5 +191,6 @@ final class DecisionHandler: ChannelInboundHandler, RemovableChannelHandler {
             context.write(wrapOutboundOut(.body(body)), promise: nil)
         }
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        armHeadDeadline(context: context)
     }
 }

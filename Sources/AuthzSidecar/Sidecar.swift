@@ -77,10 +77,14 @@ public struct Sidecar: Sendable {
             routes: .init(decisions: slot, admin: separateAdmin == nil ? admin : nil),
             queue: queue,
             logger: logger,
+            idleTimeoutSeconds: configuration.server.idleTimeoutSeconds,
             onBound: { onBound(false, $0) }
         )
         self.adminServer = separateAdmin.map { address in
-            DecisionServer(address: address, routes: .init(decisions: nil, admin: admin), queue: queue, logger: logger, onBound: { onBound(true, $0) })
+            DecisionServer(
+                address: address, routes: .init(decisions: nil, admin: admin), queue: queue, logger: logger,
+                idleTimeoutSeconds: configuration.server.idleTimeoutSeconds, onBound: { onBound(true, $0) }
+            )
         }
         self.grpcService = configuration.server.grpcListen.map { GRPCServerService(address: $0, slot: slot) }
     }

@@ -22,6 +22,7 @@ extension SidecarConfiguration {
         line(2, "grpc_listen", quoted(server.grpcListen?.description))
         line(2, "trust_policy_header", "\(server.trustPolicyHeader)")
         line(2, "max_header_bytes", "\(server.maxHeaderBytes)")
+        line(2, "idle_timeout_seconds", "\(server.idleTimeoutSeconds)")
         out += "introspection:\n"
         line(2, "endpoint", quoted(introspection.endpoint))
         line(2, "client_id", quoted(introspection.clientID))

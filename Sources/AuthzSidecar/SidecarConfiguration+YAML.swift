@@ -58,6 +58,7 @@ extension SidecarConfiguration {
         server.grpcListen = listenAddress(reader, "grpc_listen")
         server.trustPolicyHeader = reader.bool("trust_policy_header", default: false)
         server.maxHeaderBytes = reader.int("max_header_bytes", default: 16384, range: 1024...1_048_576)
+        server.idleTimeoutSeconds = reader.int("idle_timeout_seconds", default: 75, range: 1...3600)
         reader.reportUnknownKeys()
         return server
     }

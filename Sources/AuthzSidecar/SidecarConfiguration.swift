@@ -39,19 +39,24 @@ public struct ServerConfiguration: Sendable, Equatable {
     public var grpcListen: ListenAddress?
     public var trustPolicyHeader: Bool
     public var maxHeaderBytes: Int
+    /// A connection is closed when no complete request head arrives within this many seconds of
+    /// its start or of the previous answer (above nginx's 60 s upstream keepalive_timeout).
+    public var idleTimeoutSeconds: Int
 
     public init(
         listen: ListenAddress = .tcp(host: "127.0.0.1", port: 9191),
         adminListen: ListenAddress? = nil,
         grpcListen: ListenAddress? = nil,
         trustPolicyHeader: Bool = false,
-        maxHeaderBytes: Int = 16384
+        maxHeaderBytes: Int = 16384,
+        idleTimeoutSeconds: Int = 75
     ) {
         self.listen = listen
         self.adminListen = adminListen
         self.grpcListen = grpcListen
         self.trustPolicyHeader = trustPolicyHeader
         self.maxHeaderBytes = maxHeaderBytes
+        self.idleTimeoutSeconds = idleTimeoutSeconds
     }
 }
 

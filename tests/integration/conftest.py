@@ -160,6 +160,7 @@ def tail(path: Path, lines: int = 40) -> str:
 
 
 _LOGS: list[tuple[str, Path]] = []   # (label, path) shown under a failed test
+ALL_TOKENS: set[str] = set()         # every token a test used: none may appear in a sidecar log
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -266,6 +267,7 @@ class FakeAuthorizationServer:
         return f"http://127.0.0.1:{self.port}/introspect"
 
     def add_token(self, token: str, claims: dict) -> str:
+        ALL_TOKENS.add(token)
         self.tokens[token] = claims
         return token
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (KONG_DENIED, REPO, EdgeClient, Nginx, Sidecar, kong_body, policies, stack)
+from conftest import (ALL_TOKENS, KONG_DENIED, REPO, EdgeClient, Nginx, Sidecar, kong_body, policies, stack)
 
 pytestmark = pytest.mark.glewlwyd
 
@@ -61,6 +61,7 @@ def idp_token(idp) -> str:
     assert out.returncode == 0, out.stderr
     body = json.loads(out.stdout)
     assert body.get("access_token"), body
+    ALL_TOKENS.add(body["access_token"])
     return body["access_token"]
 
 
