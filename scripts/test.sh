@@ -5,7 +5,9 @@
 #   3. swift test --skip-build             (Swift unit tests)
 #   4. pytest tests/integration -q         (nginx + sidecar + fake AS, and Glewlwyd end to end)
 #
-# Usage: scripts/test.sh [--unit-only | --integration-only]
+# Usage: scripts/test.sh [--unit-only | --integration-only] [--sanitize thread|address]
+#   --sanitize KIND   build and run the Swift tests under ThreadSanitizer or AddressSanitizer
+#                     (own build folder .build-tsan / .build-asan; implies --unit-only)
 # Environment: AUTHZ_SIDECAR_BIN (integration: use this binary; default: the one just built)
 # Exits non-zero when any part fails.
 set -uo pipefail
@@ -15,14 +17,25 @@ cd "$REPO"
 # shellcheck source=scripts/lib.sh
 . "$REPO/scripts/lib.sh"
 
-RUN_UNIT=yes RUN_INTEGRATION=yes
-case "${1:-}" in
-  "") ;;
-  --unit-only) RUN_INTEGRATION=no ;;
-  --integration-only) RUN_UNIT=no ;;
-  -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
-  *) echo "usage: $0 [--unit-only | --integration-only]" >&2; exit 2 ;;
+RUN_UNIT=yes RUN_INTEGRATION=yes SANITIZE=""
+usage() { echo "usage: $0 [--unit-only | --integration-only] [--sanitize thread|address]" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --unit-only) RUN_INTEGRATION=no ;;
+    --integration-only) RUN_UNIT=no ;;
+    --sanitize) shift; SANITIZE="${1:-}"; RUN_INTEGRATION=no ;;
+    --sanitize=*) SANITIZE="${1#--sanitize=}"; RUN_INTEGRATION=no ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) usage ;;
+  esac
+  shift
+done
+case "$SANITIZE" in
+  ""|thread|address) ;;
+  *) usage ;;
 esac
+SWIFT_FLAGS=()
+[ -n "$SANITIZE" ] && SWIFT_FLAGS=(--sanitize="$SANITIZE" --scratch-path ".build-${SANITIZE:0:1}san")
 
 header() { printf '\n==================== %s ====================\n' "$*"; }
 declare -a RESULTS=()
@@ -68,8 +81,8 @@ record "prerequisites" 0
 
 # ------------------------------------------------------------------------------ build
 if [ "$RUN_UNIT" = yes ]; then
-  header "swift build --build-tests"
-  swift build --build-tests
+  header "swift build --build-tests ${SWIFT_FLAGS[*]}"
+  swift build --build-tests "${SWIFT_FLAGS[@]}"
   rc=$?
 else
   header "swift build --product authz-sidecar"
@@ -84,7 +97,7 @@ if [ "$RUN_UNIT" = yes ]; then
   header "Swift unit tests (swift test --skip-build)"
   # The real-Glewlwyd test must run here, not skip: it is what shows the client works with a real AS.
   ensure_packages glewlwyd sqlite3 jq curl || { record "prerequisites (glewlwyd)" 1; finish; }
-  AUTHZ_REQUIRE_IDP=1 swift test --skip-build
+  AUTHZ_REQUIRE_IDP=1 swift test --skip-build "${SWIFT_FLAGS[@]}"
   record "swift test" $?
 fi
 

@@ -97,7 +97,7 @@ struct HTTPTokenIntrospectorTests {
         (.hang(seconds: 5), .timeout),
     ])
     func faults(reply: FakeReply, expected: IntrospectionError) async throws {
-        let outcome: Result<TokenInfo, IntrospectionError> = try await Self.withIntrospector({ $0.timeoutMilliseconds = 300 }, reply: { _ in reply }) { introspector in
+        let outcome: Result<TokenInfo, IntrospectionError> = try await Self.withIntrospector({ $0.timeoutMilliseconds = 2000 }, reply: { _ in reply }) { introspector in
             do throws(IntrospectionError) {
                 return .success(try await introspector.introspect("t"))
             } catch {
