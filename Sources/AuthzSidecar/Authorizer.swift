@@ -28,7 +28,10 @@ public final class Authorizer: Sendable {
     ) {
         self.configuration = configuration
         self.cache = cache
-        self.evaluations = configuration.policies.map { PolicyEvaluation(policy: $0, expectedIssuer: configuration.introspection.expectedIssuer) }
+        let thumbprints = ThumbprintCache()
+        self.evaluations = configuration.policies.map {
+            PolicyEvaluation(policy: $0, expectedIssuer: configuration.introspection.expectedIssuer, thumbprints: thumbprints)
+        }
         self.clock = clock
         self.logger = logger
         self.metrics = DecisionMetrics(policies: configuration.policies.map(\.name), factory: factory)
@@ -141,18 +144,18 @@ public final class Authorizer: Sendable {
         let policyName = policy?.name ?? "none"
         switch outcome {
         case .decision(.allow(let grant)):
-            metrics.count(policy: policyName, outcome: "allow", reason: grant.token == nil ? "anonymous" : "granted")
+            metrics.allowed(policy: policyName, anonymous: grant.token == nil)
             if logger.logLevel <= .debug {
                 logger.debug("allowed", metadata: metadata(policyName, "granted", digest, request, started))
             }
         case .decision(.deny(let denial)):
-            metrics.count(policy: policyName, outcome: "deny", reason: denial.reason.rawValue)
+            metrics.denied(policy: policyName, reason: denial.reason)
             var fields = metadata(policyName, denial.reason.rawValue, digest, request, started)
             fields["authz.status"] = "\(denial.status)"
             if let detail = denial.detail { fields["authz.detail"] = "\(detail)" }
             logger.info("denied", metadata: fields)
         case .fault(let error):
-            metrics.count(policy: policyName, outcome: "fault", reason: "as_fault")
+            metrics.faulted(policy: policyName)
             var fields = metadata(policyName, "as_fault", digest, request, started)
             fields["authz.fault"] = "\(error.label)"
             fields["authz.detail"] = "\(error.description)"

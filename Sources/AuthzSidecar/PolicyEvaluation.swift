@@ -6,10 +6,17 @@ import Introspection
 public struct PolicyEvaluation: Sendable {
     public var policy: PolicyConfiguration
     public var expectedIssuer: String?
+    /// Where decoded certificate headers are remembered; nil decodes every time.
+    let thumbprints: ThumbprintCache?
 
     public init(policy: PolicyConfiguration, expectedIssuer: String? = nil) {
+        self.init(policy: policy, expectedIssuer: expectedIssuer, thumbprints: nil)
+    }
+
+    init(policy: PolicyConfiguration, expectedIssuer: String?, thumbprints: ThumbprintCache?) {
         self.policy = policy
         self.expectedIssuer = expectedIssuer
+        self.thumbprints = thumbprints
     }
 
     /// Decides for an introspected token.
@@ -81,8 +88,12 @@ public struct PolicyEvaluation: Sendable {
         } else {
             return nil
         }
+        let element = policy.xfccElement
         return Result { () throws(CertificateError) in
-            try ClientCertificate.thumbprint(header: value, format: format, xfccElement: policy.xfccElement)
+            if let thumbprints {
+                return try thumbprints.thumbprint(header: value, format: format, element: element)
+            }
+            return try ClientCertificate.thumbprint(header: value, format: format, xfccElement: element)
         }
     }
 }

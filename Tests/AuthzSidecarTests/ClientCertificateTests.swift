@@ -114,3 +114,26 @@ struct ClientCertificateTests {
         #expect(!presented.matches(x5tS256: "not base64 !"))
     }
 }
+
+@Suite("ThumbprintCache: a bounded memo of header decoding, never of decisions")
+struct ThumbprintCacheTests {
+    @Test("the same answers as decoding, per format; failures are not remembered; bounded")
+    func memo() throws {
+        let cache = ThumbprintCache(capacity: 8, shardCount: 1)
+        let header = Fixtures.escaped("client1.pem")
+        let direct = try ClientCertificate.thumbprint(header: header, format: .auto)
+        #expect(try cache.thumbprint(header: header, format: .auto, element: .only) == direct)
+        #expect(try cache.thumbprint(header: header, format: .auto, element: .only) == direct)
+        // the same text read as another format is another key, and here an error
+        #expect(throws: CertificateError.self) { try cache.thumbprint(header: header, format: .derBase64, element: .only) }
+        #expect(throws: CertificateError.self) { try cache.thumbprint(header: "garbage%", format: .auto, element: .only) }
+        // many distinct headers: still correct, and the memo stays within its bound
+        let other = Fixtures.escaped("client2.pem")
+        for i in 0..<50 {
+            let value = i.isMultiple(of: 2) ? header + String(repeating: " ", count: i) : other + String(repeating: " ", count: i)
+            let expected = i.isMultiple(of: 2) ? direct.base64URL : Fixtures.thumbprint("client2.pem")
+            #expect(try cache.thumbprint(header: value, format: .auto, element: .only).base64URL == expected)
+        }
+        #expect(cache.count <= 8)
+    }
+}
