@@ -68,41 +68,48 @@ public struct AuthzAnswer: Sendable {
 /// Keycloak's names, values holding control characters dropped, and for Envoy the list of
 /// credential headers it must remove because this answer does not set them.
 struct UpstreamHeaders {
-    static let standardNames = [
-        "X-Credential-Scope", "X-Credential-Client-ID", "X-Credential-Username", "X-Credential-Token-Type",
-        "X-Credential-Exp", "X-Credential-Iat", "X-Credential-Nbf", "X-Credential-Sub", "X-Credential-Aud",
-        "X-Credential-Iss", "X-Credential-Jti",
-    ]
+    /// The standard credential headers, parsed once (DESIGN.md §6 order).
+    static let scope = HTTPField.Name("X-Credential-Scope")!
+    static let clientID = HTTPField.Name("X-Credential-Client-ID")!
+    static let username = HTTPField.Name("X-Credential-Username")!
+    static let tokenType = HTTPField.Name("X-Credential-Token-Type")!
+    static let exp = HTTPField.Name("X-Credential-Exp")!
+    static let iat = HTTPField.Name("X-Credential-Iat")!
+    static let nbf = HTTPField.Name("X-Credential-Nbf")!
+    static let sub = HTTPField.Name("X-Credential-Sub")!
+    static let aud = HTTPField.Name("X-Credential-Aud")!
+    static let iss = HTTPField.Name("X-Credential-Iss")!
+    static let jti = HTTPField.Name("X-Credential-Jti")!
+    static let standardNames = [scope, clientID, username, tokenType, exp, iat, nbf, sub, aud, iss, jti]
 
     var fields = HTTPFields()
     var dropped: [String] = []
 
     init(grant: Grant, policy: PolicyConfiguration?, front: AccessRequest.Front) {
-        var set: Set<String> = []
         if let info = grant.token {
             let extraString = { (name: String) in info.extra[name]?.stringValue }
-            add("X-Credential-Scope", info.scope, &set)
-            add("X-Credential-Client-ID", info.clientID ?? extraString("clientId") ?? extraString("azp"), &set)
-            add("X-Credential-Username", info.username ?? extraString("preferred_username"), &set)
-            add("X-Credential-Token-Type", info.tokenType ?? extraString("typ"), &set)
-            add("X-Credential-Exp", info.exp.map { String($0) }, &set)
-            add("X-Credential-Iat", info.iat.map { String($0) }, &set)
-            add("X-Credential-Nbf", info.nbf.map { String($0) }, &set)
-            add("X-Credential-Sub", info.sub, &set)
-            add("X-Credential-Aud", info.aud.isEmpty ? nil : info.aud.joined(separator: ","), &set)
-            add("X-Credential-Iss", info.iss, &set)
-            add("X-Credential-Jti", info.jti, &set)
-            for claim in policy?.forwardClaims ?? [] {
-                add(HeaderName.credential(forClaim: claim), info.claim(claim).map(Self.text), &set)
+            add(Self.scope, info.scope)
+            add(Self.clientID, info.clientID ?? extraString("clientId") ?? extraString("azp"))
+            add(Self.username, info.username ?? extraString("preferred_username"))
+            add(Self.tokenType, info.tokenType ?? extraString("typ"))
+            add(Self.exp, info.exp.map { String($0) })
+            add(Self.iat, info.iat.map { String($0) })
+            add(Self.nbf, info.nbf.map { String($0) })
+            add(Self.sub, info.sub)
+            add(Self.aud, info.aud.isEmpty ? nil : info.aud.joined(separator: ","))
+            add(Self.iss, info.iss)
+            add(Self.jti, info.jti)
+            for (claim, name) in policy?.forwardClaimHeaders ?? [] {
+                add(name, info.claim(claim).map(Self.text))
             }
         } else {
             fields[.anonymous] = "true"
         }
         if front != .nginx {
             // Envoy keeps a client's copy of any header the answer does not set (DESIGN.md §6).
-            var remove = (Self.standardNames + (policy?.forwardClaims ?? []).map(HeaderName.credential(forClaim:)))
-                .filter { !set.contains($0) }
-                .map { $0.lowercased() }
+            var remove = (Self.standardNames + (policy?.forwardClaimHeaders ?? []).map(\.1))
+                .filter { fields[$0] == nil }
+                .map(\.canonicalName)
             if policy?.hideCredentials == true {
                 remove.append("authorization")
                 if let header = policy?.certificateHeader { remove.append(header.lowercased()) }
@@ -113,14 +120,13 @@ struct UpstreamHeaders {
         }
     }
 
-    private mutating func add(_ name: String, _ value: String?, _ set: inout Set<String>) {
-        guard let value, let fieldName = HTTPField.Name(name) else { return }
-        guard !value.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) else {
-            dropped.append(name)
+    private mutating func add(_ name: HTTPField.Name, _ value: String?) {
+        guard let value else { return }
+        guard !value.utf8.contains(where: { $0 < 0x20 || $0 == 0x7F }) else {
+            dropped.append(name.rawName)
             return
         }
-        fields.append(HTTPField(name: fieldName, value: value))
-        set.insert(name)
+        fields.append(HTTPField(name: name, value: value))
     }
 
     /// A claim as header text: strings as they are, arrays of strings comma-separated, other

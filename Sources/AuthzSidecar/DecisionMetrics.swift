@@ -1,6 +1,7 @@
 import Metrics
 import Synchronization
 import Introspection
+import NIOConcurrencyHelpers
 
 /// `authz_decisions_total{policy, outcome, reason}`, with bounded labels: configured policy
 /// names (or `none`), three outcomes and the fixed reasons. Every counter is made up front, so
@@ -45,7 +46,7 @@ struct DecisionMetrics: Sendable {
 final class RateLimitedLog: Sendable {
     private let clock: any EpochClock
     private let interval: Double
-    private let state = Mutex<[String: (last: Double, suppressed: Int)]>([:])
+    private let state = NIOLockedValueBox<[String: (last: Double, suppressed: Int)]>([:])
 
     init(clock: any EpochClock, interval: Double) {
         self.clock = clock
@@ -54,7 +55,7 @@ final class RateLimitedLog: Sendable {
 
     func log(key: String, _ body: (_ suppressed: Int) -> Void) {
         let now = clock.now()
-        let suppressed: Int? = state.withLock { entries in
+        let suppressed: Int? = state.withLockedValue { entries in
             if let entry = entries[key], now - entry.last < interval {
                 entries[key] = (entry.last, entry.suppressed + 1)
                 return nil

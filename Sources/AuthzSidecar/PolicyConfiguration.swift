@@ -1,3 +1,4 @@
+import HTTPTypes
 import Introspection
 
 /// One entry of `policies:` (DESIGN.md §3): which requests it covers and what it demands.
@@ -27,12 +28,20 @@ public struct PolicyConfiguration: Sendable, Equatable {
     public var scopeMatch: ScopeMatch
     public var audiences: [String]
     /// Where the proxy puts the client certificate; nil = none (gRPC: the peer certificate).
-    public var certificateHeader: String?
+    public var certificateHeader: String? {
+        didSet { certificateField = certificateHeader.flatMap { HTTPField.Name($0) } }
+    }
+    /// `certificateHeader`, parsed once.
+    private(set) var certificateField: HTTPField.Name?
     public var certificateFormat: CertificateFormat
     public var xfccElement: XFCCElement
     public var requireBoundToken: Bool
     public var allowAnonymous: Bool
-    public var forwardClaims: [String]
+    public var forwardClaims: [String] {
+        didSet { forwardClaimHeaders = Self.headers(for: forwardClaims) }
+    }
+    /// Each forwarded claim with its `X-Credential-*` header name, parsed once.
+    private(set) var forwardClaimHeaders: [(String, HTTPField.Name)] = []
     public var hideCredentials: Bool
     public var clockSkewSeconds: Int64
     public var proxyCacheSeconds: Int64
@@ -68,9 +77,25 @@ public struct PolicyConfiguration: Sendable, Equatable {
         self.requireBoundToken = requireBoundToken
         self.allowAnonymous = allowAnonymous
         self.forwardClaims = forwardClaims
+        self.forwardClaimHeaders = Self.headers(for: forwardClaims)
+        self.certificateField = certificateHeader.flatMap { HTTPField.Name($0) }
         self.hideCredentials = hideCredentials
         self.clockSkewSeconds = clockSkewSeconds
         self.proxyCacheSeconds = proxyCacheSeconds
+    }
+
+    static func headers(for claims: [String]) -> [(String, HTTPField.Name)] {
+        claims.compactMap { claim in HTTPField.Name(HeaderName.credential(forClaim: claim)).map { (claim, $0) } }
+    }
+
+    public static func == (lhs: PolicyConfiguration, rhs: PolicyConfiguration) -> Bool {
+        lhs.name == rhs.name && lhs.pathPrefix == rhs.pathPrefix && lhs.hosts == rhs.hosts && lhs.methods == rhs.methods
+            && lhs.requiredScopes == rhs.requiredScopes && lhs.scopeMatch == rhs.scopeMatch && lhs.audiences == rhs.audiences
+            && lhs.certificateHeader == rhs.certificateHeader && lhs.certificateFormat == rhs.certificateFormat
+            && lhs.xfccElement == rhs.xfccElement && lhs.requireBoundToken == rhs.requireBoundToken
+            && lhs.allowAnonymous == rhs.allowAnonymous && lhs.forwardClaims == rhs.forwardClaims
+            && lhs.hideCredentials == rhs.hideCredentials && lhs.clockSkewSeconds == rhs.clockSkewSeconds
+            && lhs.proxyCacheSeconds == rhs.proxyCacheSeconds
     }
 
     /// Whether this policy covers a request (path prefix on the path without its query, host, method).

@@ -77,7 +77,7 @@ public struct PolicyEvaluation: Sendable {
         let value: String
         var format = policy.certificateFormat
         if let headerName = policy.certificateHeader {
-            guard let name = HTTPField.Name(headerName) else { return nil }
+            guard let name = policy.certificateField else { return nil }
             let values = request.headers[values: name]
             guard let first = values.first else { return nil }
             guard values.count == 1 else { return .failure(CertificateError("\(headerName) appears \(values.count) times")) }

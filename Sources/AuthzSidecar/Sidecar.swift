@@ -4,6 +4,7 @@ import Metrics
 import Prometheus
 import ServiceLifecycle
 import Synchronization
+import NIOConcurrencyHelpers
 
 /// The authorizer in force. A reload swaps it whole: each request takes the one current when it
 /// arrives and finishes on it.
@@ -14,18 +15,18 @@ public final class AuthorizerSlot: Sendable {
         var upstream: any TokenIntrospector
     }
 
-    private let generation: Mutex<Generation>
+    private let generation: NIOLockedValueBox<Generation>
 
     init(_ generation: Generation) {
-        self.generation = Mutex(generation)
+        self.generation = NIOLockedValueBox(generation)
     }
 
-    public var current: Authorizer { generation.withLock { $0.authorizer } }
+    public var current: Authorizer { generation.withLockedValue { $0.authorizer } }
 
-    var currentGeneration: Generation { generation.withLock { $0 } }
+    var currentGeneration: Generation { generation.withLockedValue { $0 } }
 
     func replace(with next: Generation) {
-        generation.withLock { $0 = next }
+        generation.withLockedValue { $0 = next }
     }
 }
 

@@ -1,4 +1,5 @@
 import Synchronization
+import NIOConcurrencyHelpers
 
 /// Certificate header value → thumbprint, bounded. The same client presents the same header on
 /// every request, and decoding it (percent-decoding, base64, DER outline, SHA-256) costs several
@@ -13,7 +14,7 @@ final class ThumbprintCache: Sendable {
     }
 
     private final class Shard: Sendable {
-        let entries = Mutex<[Key: CertificateThumbprint]>([:])
+        let entries = NIOLockedValueBox<[Key: CertificateThumbprint]>([:])
     }
 
     private let shards: [Shard]
@@ -27,9 +28,9 @@ final class ThumbprintCache: Sendable {
     func thumbprint(header value: String, format: CertificateFormat, element: PolicyConfiguration.XFCCElement) throws(CertificateError) -> CertificateThumbprint {
         let key = Key(value: value, format: format, element: element)
         let shard = shards[Int(UInt(bitPattern: key.hashValue) % UInt(shards.count))]
-        if let known = shard.entries.withLock({ $0[key] }) { return known }
+        if let known = shard.entries.withLockedValue({ $0[key] }) { return known }
         let computed = try ClientCertificate.thumbprint(header: value, format: format, xfccElement: element)
-        shard.entries.withLock { entries in
+        shard.entries.withLockedValue { entries in
             // Bounded: when a shard is full it starts over (certificates in use come back at once).
             if entries.count >= perShard { entries.removeAll(keepingCapacity: true) }
             entries[key] = computed
@@ -38,5 +39,5 @@ final class ThumbprintCache: Sendable {
     }
 
     /// Remembered thumbprints (for tests).
-    var count: Int { shards.reduce(0) { $0 + $1.entries.withLock { $0.count } } }
+    var count: Int { shards.reduce(0) { $0 + $1.entries.withLockedValue { $0.count } } }
 }

@@ -1,6 +1,7 @@
 import Logging
 import Metrics
 import Synchronization
+import NIOConcurrencyHelpers
 
 /// Caches any introspector's answers, honestly (DESIGN.md §5.3):
 /// keyed by `TokenDigest`; an active answer lives `min(ttl, exp − now)` and is never served once
@@ -23,11 +24,11 @@ public final class CachingTokenIntrospector: TokenIntrospector {
 
     /// One call in flight; its waiters are continuations, resumed when it ends.
     private final class Flight: Sendable {
-        private let state = Mutex<(result: Outcome?, waiters: [CheckedContinuation<Outcome, Never>])>((nil, []))
+        private let state = NIOLockedValueBox<(result: Outcome?, waiters: [CheckedContinuation<Outcome, Never>])>((nil, []))
 
         func wait() async -> Outcome {
             await withCheckedContinuation { continuation in
-                let ready: Outcome? = state.withLock { state in
+                let ready: Outcome? = state.withLockedValue { state in
                     if let result = state.result { return result }
                     state.waiters.append(continuation)
                     return nil
@@ -37,7 +38,7 @@ public final class CachingTokenIntrospector: TokenIntrospector {
         }
 
         func finish(_ result: Outcome) {
-            let waiters = state.withLock { state in
+            let waiters = state.withLockedValue { state in
                 state.result = result
                 defer { state.waiters = [] }
                 return state.waiters
@@ -46,14 +47,14 @@ public final class CachingTokenIntrospector: TokenIntrospector {
         }
     }
 
-    private struct ShardState {
+    private struct ShardState: Sendable {
         var entries: TTLCache<TokenDigest, TokenInfo>
         var flights: [TokenDigest: Flight] = [:]
     }
 
     private final class Shard: Sendable {
-        let state: Mutex<ShardState>
-        init(capacity: Int) { state = Mutex(ShardState(entries: TTLCache(capacity: capacity))) }
+        let state: NIOLockedValueBox<ShardState>
+        init(capacity: Int) { state = NIOLockedValueBox(ShardState(entries: TTLCache(capacity: capacity))) }
     }
 
     private let upstream: any TokenIntrospector
@@ -88,7 +89,7 @@ public final class CachingTokenIntrospector: TokenIntrospector {
     /// entry that is stale or past `exp`), in which case `lookup` must be used.
     public func cached(_ digest: TokenDigest) -> TokenInfo? {
         let now = clock.now()
-        let info: TokenInfo? = shards[digest.shard(of: shards.count)].state.withLock { state in
+        let info: TokenInfo? = shards[digest.shard(of: shards.count)].state.withLockedValue { state in
             guard case .fresh(let info) = state.entries.lookup(digest, now: now) else { return nil }
             if info.active, let exp = info.exp, Double(exp) <= now { return nil }
             return info
@@ -107,7 +108,7 @@ public final class CachingTokenIntrospector: TokenIntrospector {
             case wait(Flight)
             case lead(Flight, stale: TokenInfo?)
         }
-        let step: Step = shard.state.withLock { state in
+        let step: Step = shard.state.withLockedValue { state in
             var stale: TokenInfo?
             switch state.entries.lookup(digest, now: now) {
             case .fresh(let info):
@@ -153,7 +154,7 @@ public final class CachingTokenIntrospector: TokenIntrospector {
             result = .failure(error)
         }
         let now = clock.now()
-        return shard.state.withLock { state -> Outcome in
+        return shard.state.withLockedValue { state -> Outcome in
             state.flights[digest] = nil
             switch result {
             case .success(let info):
@@ -192,13 +193,13 @@ public final class CachingTokenIntrospector: TokenIntrospector {
     /// Removes one token's answer; returns whether it was cached.
     @discardableResult
     public func purge(_ digest: TokenDigest) -> Bool {
-        shards[digest.shard(of: shards.count)].state.withLock { $0.entries.remove(digest) }
+        shards[digest.shard(of: shards.count)].state.withLockedValue { $0.entries.remove(digest) }
     }
 
     /// Empties the cache; returns how many answers it held.
     @discardableResult
     public func purgeAll() -> Int {
-        shards.reduce(0) { total, shard in total + shard.state.withLock { $0.entries.removeAll() } }
+        shards.reduce(0) { total, shard in total + shard.state.withLockedValue { $0.entries.removeAll() } }
     }
 
     /// Calls the upstream introspector directly, bypassing the cache, with a token no AS knows:
@@ -209,7 +210,7 @@ public final class CachingTokenIntrospector: TokenIntrospector {
 
     /// Cached answers (expired ones count until met).
     public var count: Int {
-        shards.reduce(0) { total, shard in total + shard.state.withLock { $0.entries.count } }
+        shards.reduce(0) { total, shard in total + shard.state.withLockedValue { $0.entries.count } }
     }
 }
 

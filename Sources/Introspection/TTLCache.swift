@@ -127,3 +127,6 @@ public struct TTLCache<Key: Hashable, Value> {
         freeSlots.append(slot)
     }
 }
+
+extension TTLCache: Sendable where Key: Sendable, Value: Sendable {}
+extension TTLCache.Slot: Sendable where Key: Sendable, Value: Sendable {}

@@ -6,6 +6,7 @@ import Introspection
 import Logging
 import Synchronization
 import Testing
+import NIOConcurrencyHelpers
 
 /// Counts introspection calls.
 final class CallCounter: Sendable {
@@ -16,7 +17,7 @@ final class CallCounter: Sendable {
 
 /// Collects log lines in memory so tests can read them.
 final class LogCapture: Sendable {
-    let lines = Mutex<[String]>([])
+    let lines = NIOLockedValueBox<[String]>([])
 
     var logger: Logger {
         var logger = Logger(label: "authz") { _ in CaptureHandler(capture: self) }
@@ -24,7 +25,7 @@ final class LogCapture: Sendable {
         return logger
     }
 
-    var all: String { lines.withLock { $0.joined(separator: "\n") } }
+    var all: String { lines.withLockedValue { $0.joined(separator: "\n") } }
 
     struct CaptureHandler: LogHandler {
         let capture: LogCapture
@@ -35,7 +36,7 @@ final class LogCapture: Sendable {
             set { metadata[key] = newValue }
         }
         func log(event: LogEvent) {
-            capture.lines.withLock { $0.append(JSONLogHandler.render(event: event, label: "authz", handlerMetadata: metadata)) }
+            capture.lines.withLockedValue { $0.append(JSONLogHandler.render(event: event, label: "authz", handlerMetadata: metadata)) }
         }
     }
 }

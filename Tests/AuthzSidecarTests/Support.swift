@@ -3,6 +3,7 @@ import Foundation
 import Introspection
 import Synchronization
 @testable import AuthzSidecar
+import NIOConcurrencyHelpers
 
 /// Paths and contents of the shared test fixtures (Tests/Fixtures).
 enum Fixtures {
@@ -42,8 +43,8 @@ enum Fixtures {
 
 /// A clock tests move by hand.
 final class TestClock: EpochClock {
-    private let seconds: Mutex<Double>
-    init(_ start: Double = 1_800_000_000) { seconds = Mutex(start) }
-    func now() -> Double { seconds.withLock { $0 } }
-    func advance(by delta: Double) { seconds.withLock { $0 += delta } }
+    private let seconds: NIOLockedValueBox<Double>
+    init(_ start: Double = 1_800_000_000) { seconds = NIOLockedValueBox(start) }
+    func now() -> Double { seconds.withLockedValue { $0 } }
+    func advance(by delta: Double) { seconds.withLockedValue { $0 += delta } }
 }

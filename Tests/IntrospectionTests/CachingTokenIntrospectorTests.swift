@@ -1,23 +1,24 @@
 import Introspection
 import Synchronization
 import Testing
+import NIOConcurrencyHelpers
 
 /// An upstream introspector that counts its calls and answers from a script.
 final class ScriptedIntrospector: TokenIntrospector {
     let calls = Atomic<Int>(0)
-    private let answer: Mutex<@Sendable (String) async throws(IntrospectionError) -> TokenInfo>
+    private let answer: NIOLockedValueBox<@Sendable (String) async throws(IntrospectionError) -> TokenInfo>
 
     init(_ answer: @escaping @Sendable (String) async throws(IntrospectionError) -> TokenInfo) {
-        self.answer = Mutex(answer)
+        self.answer = NIOLockedValueBox(answer)
     }
 
     func set(_ answer: @escaping @Sendable (String) async throws(IntrospectionError) -> TokenInfo) {
-        self.answer.withLock { $0 = answer }
+        self.answer.withLockedValue { $0 = answer }
     }
 
     func introspect(_ token: String) async throws(IntrospectionError) -> TokenInfo {
         calls.add(1, ordering: .relaxed)
-        let body = answer.withLock { $0 }
+        let body = answer.withLockedValue { $0 }
         return try await body(token)
     }
 

@@ -3,6 +3,7 @@ import Foundation
 import Introspection
 import Synchronization
 import Testing
+import NIOConcurrencyHelpers
 
 @Suite("HTTPTokenIntrospector against a fake AS on loopback")
 struct HTTPTokenIntrospectorTests {
@@ -39,13 +40,13 @@ struct HTTPTokenIntrospectorTests {
 
     @Test("client_secret_basic: exact form body and Authorization header, hostile characters intact")
     func basic() async throws {
-        let seen = Mutex<RecordedRequest?>(nil)
+        let seen = NIOLockedValueBox<RecordedRequest?>(nil)
         let info = try await Self.withIntrospector(reply: { request in
-            seen.withLock { $0 = request }
+            seen.withLockedValue { $0 = request }
             return .json(Self.activeBody)
         }) { try await $0.introspect(Self.hostileToken) }
         #expect(info.active)
-        let request = try #require(seen.withLock { $0 })
+        let request = try #require(seen.withLockedValue { $0 })
         #expect(request.method == "POST")
         #expect(request.headers[.contentType] == "application/x-www-form-urlencoded")
         #expect(request.headers[.accept] == "application/json")
@@ -58,24 +59,24 @@ struct HTTPTokenIntrospectorTests {
 
     @Test("client_secret_post: credentials in the form, no Authorization header")
     func post() async throws {
-        let seen = Mutex<RecordedRequest?>(nil)
+        let seen = NIOLockedValueBox<RecordedRequest?>(nil)
         _ = try await Self.withIntrospector({ $0.authMethod = .clientSecretPost }, reply: { request in
-            seen.withLock { $0 = request }
+            seen.withLockedValue { $0 = request }
             return .json(Self.activeBody)
         }) { try await $0.introspect(Self.hostileToken) }
-        let request = try #require(seen.withLock { $0 })
+        let request = try #require(seen.withLockedValue { $0 })
         #expect(request.headers[.authorization] == nil)
         #expect(request.form == ["token": Self.hostileToken, "token_type_hint": "access_token", "client_id": "intro client", "client_secret": Self.hostileSecret])
     }
 
     @Test("none: only the token")
     func none() async throws {
-        let seen = Mutex<RecordedRequest?>(nil)
+        let seen = NIOLockedValueBox<RecordedRequest?>(nil)
         _ = try await Self.withIntrospector({ $0.authMethod = .none; $0.clientID = nil }, reply: { request in
-            seen.withLock { $0 = request }
+            seen.withLockedValue { $0 = request }
             return .json(Self.activeBody)
         }) { try await $0.introspect("t") }
-        let request = try #require(seen.withLock { $0 })
+        let request = try #require(seen.withLockedValue { $0 })
         #expect(request.headers[.authorization] == nil)
         #expect(request.form == ["token": "t", "token_type_hint": "access_token"])
     }

@@ -1,18 +1,19 @@
 import Introspection
 import Synchronization
+import NIOConcurrencyHelpers
 
 /// A clock that moves only when a test moves it.
 final class TestClock: EpochClock {
-    private let seconds: Mutex<Double>
+    private let seconds: NIOLockedValueBox<Double>
 
     init(_ start: Double = 1_800_000_000) {
-        seconds = Mutex(start)
+        seconds = NIOLockedValueBox(start)
     }
 
-    func now() -> Double { seconds.withLock { $0 } }
+    func now() -> Double { seconds.withLockedValue { $0 } }
 
     func advance(by delta: Double) {
-        seconds.withLock { $0 += delta }
+        seconds.withLockedValue { $0 += delta }
     }
 }
 
