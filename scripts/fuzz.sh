@@ -71,6 +71,10 @@ if [[ -z ${ASAN_SYMBOLIZER_PATH:-} ]]; then
     done
 fi
 export ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=0:symbolize=1:detect_leaks=1}
+# Swift's own crash backtracer reads the crashed process's memory in a way ASan reports as a
+# second crash ("unknown-crash ... memserver_read"), burying the real one: leave crashes
+# (fatalError, bounds checks: SIGILL) to libFuzzer's handler, which prints ASan's stack.
+export SWIFT_BACKTRACE=${SWIFT_BACKTRACE:-enable=no}
 demangle() { swift demangle --simplified 2>/dev/null || cat; }
 
 failed=0
@@ -95,7 +99,7 @@ for t in "${TARGETS[@]}"; do
     rate=$(stat average_exec_per_sec)
     units=$(stat new_units_added)
     rss=$(stat peak_rss_mb)
-    cov=$(grep -Eo 'cov: [0-9]+ ft: [0-9]+ corp: [0-9]+/[0-9a-zA-Z]+' "$log" | tail -1)
+    cov=$(grep -Eo 'cov: [0-9]+ ft: [0-9]+ corp: [0-9]+/[0-9a-zA-Z]+' "$log" | tail -1 || true)
     new=$(comm -13 <(echo "$before") <(ls "$artifacts") | grep -E '^(crash|leak|timeout|oom)-' || true)
     result=none
     if [[ -n $new || ($status -ne 0 && -z $execs) ]]; then
@@ -104,8 +108,10 @@ for t in "${TARGETS[@]}"; do
     fi
     echo "   executions: ${execs:-?}  exec/s: ${rate:-?}  ${cov:-cov: ?}  new units: ${units:-?}  peak rss: ${rss:-?} MB  crash: $result"
     if [[ $result != none ]]; then
-        grep -E -m3 'Fatal error|==ERROR|SUMMARY|ERROR: libFuzzer|invariant violated' "$log" | demangle | sed 's/^/   | /'
-        grep -E -m12 '^ *#[0-9]+ 0x' "$log" | demangle | sed 's/^/   | /'
+        { grep -E -m3 'Fatal error|==ERROR|SUMMARY|ERROR: libFuzzer|invariant violated' "$log" || true; } | demangle | sed 's/^/   | /'
+        # the top frames outside libFuzzer, the sanitizer runtime and libc
+        { grep -E '^ *#[0-9]+ 0x' "$log" || true; } | grep -v -E 'compiler-rt/lib|libc\.so|libc-start|libc_start' \
+            | head -12 | demangle | sed 's/^/   | /'
         for a in $new; do
             echo "   artifact: $artifacts/$a ($(wc -c <"$artifacts/$a") bytes)"
             [[ $(wc -c <"$artifacts/$a") -le 4096 ]] && echo "   base64: $(base64 -w0 "$artifacts/$a")"
