@@ -91,8 +91,7 @@ public final class CachingTokenIntrospector: TokenIntrospector {
         let now = clock.now()
         let info: TokenInfo? = shards[digest.shard(of: shards.count)].state.withLockedValue { state in
             guard case .fresh(let info) = state.entries.lookup(digest, now: now) else { return nil }
-            if info.active, let exp = info.exp, Double(exp) <= now { return nil }
-            return info
+            return info.active && info.hasExpired(at: now) ? nil : info
         }
         if info != nil { metrics.hits.increment() }
         return info
@@ -113,7 +112,7 @@ public final class CachingTokenIntrospector: TokenIntrospector {
             switch state.entries.lookup(digest, now: now) {
             case .fresh(let info):
                 // exp is re-checked on every hit, whatever the entry's own lifetime says.
-                if info.active, let exp = info.exp, Double(exp) <= now {
+                if info.active, info.hasExpired(at: now) {
                     state.entries.remove(digest)
                 } else {
                     return .hit(info)
@@ -185,9 +184,7 @@ public final class CachingTokenIntrospector: TokenIntrospector {
     }
 
     private func staleUsable(_ info: TokenInfo, now: Double) -> Bool {
-        guard configuration.staleIfErrorSeconds > 0 else { return false }
-        if let exp = info.exp, Double(exp) <= now { return false }
-        return true
+        configuration.staleIfErrorSeconds > 0 && !info.hasExpired(at: now)
     }
 
     /// Removes one token's answer; returns whether it was cached.

@@ -133,7 +133,7 @@ public final class HTTPTokenIntrospector: TokenIntrospector {
             return .tls(String(describing: error))
         }
         if error is NIOConnectionError || error is IOError || error is ChannelError {
-            if let channelError = error as? ChannelError, channelError == .connectTimeout(.zero) {
+            if case .connectTimeout? = error as? ChannelError {
                 return .timeout
             }
             return .connect(String(describing: error))

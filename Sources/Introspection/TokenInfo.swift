@@ -68,6 +68,12 @@ public struct TokenInfo: Sendable, Equatable {
         scope?.split(separator: " ", omittingEmptySubsequences: true) ?? []
     }
 
+    /// Whether `exp` has passed at `now` (a token without `exp` never expires by it).
+    public func hasExpired(at now: Double) -> Bool {
+        guard let exp else { return false }
+        return Double(exp) <= now
+    }
+
     /// A claim by its JSON member name, modelled or not.
     public func claim(_ name: String) -> JSONValue? {
         switch name {
