@@ -100,7 +100,7 @@ public final class Authorizer: Sendable {
             return .decided(outcome, policy)
         }
         // 2. token
-        switch BearerToken.parse(request.headers[values: .authorization]) {
+        switch BearerToken.parse(request.headers.values(.authorization)) {
         case .missing:
             let outcome: Outcome = policy.allowAnonymous ? .decision(.allow(Grant(token: nil))) : .decision(.deny(Denial(.noToken)))
             record(outcome, policy: policy, digest: nil, request: request, started: started)

@@ -1,15 +1,19 @@
 import HTTPTypes
 import Introspection
+import NIOHTTP1
 
 /// The HTTP answer to a proxy, independent of the server framework (DESIGN.md §6).
 public struct AuthzAnswer: Sendable {
     public var status: Int
-    public var headers: HTTPFields
+    /// In the order they are sent; names as they are sent.
+    public var headers: HTTPHeaders
     public var body: String
     /// Claim headers dropped because their value held a control character.
     public var droppedHeaders: [String]
 
     public static let realm = "authz-sidecar"
+    /// Repeats a denial's JSON body: nginx drops an auth subrequest's body (deploy/nginx.conf).
+    public static let bodyHeader = "X-Authz-Body"
     /// Seconds a client should wait after an AS fault.
     public static let retryAfterSeconds = 2
 
@@ -23,23 +27,25 @@ public struct AuthzAnswer: Sendable {
             let rendered = UpstreamHeaders(grant: grant, policy: policy, front: front)
             headers = rendered.fields
             droppedHeaders = rendered.dropped
-            headers[.cacheControl] = grant.cacheSeconds > 0 ? "max-age=\(grant.cacheSeconds)" : "no-store"
+            headers.add(name: "Cache-Control", value: grant.cacheSeconds > 0 ? "max-age=\(grant.cacheSeconds)" : "no-store")
         case .decision(.deny(let denial)):
             status = denial.status
             body = Self.kongBody(code: denial.status, message: denial.message)
-            headers = HTTPFields()
-            headers[.contentType] = "application/json"
-            headers[.wwwAuthenticate] = Self.wwwAuthenticate(denial, policy: policy)
-            headers[.authzBody] = body
-            headers[.cacheControl] = "no-store"
+            headers = [
+                "Content-Type": "application/json",
+                "WWW-Authenticate": Self.wwwAuthenticate(denial, policy: policy),
+                Self.bodyHeader: body,
+                "Cache-Control": "no-store",
+            ]
         case .fault:
             status = 503
             body = Self.kongBody(code: 503, message: "Authorization server unavailable.")
-            headers = HTTPFields()
-            headers[.contentType] = "application/json"
-            headers[.retryAfter] = "\(Self.retryAfterSeconds)"
-            headers[.authzBody] = body
-            headers[.cacheControl] = "no-store"
+            headers = [
+                "Content-Type": "application/json",
+                "Retry-After": "\(Self.retryAfterSeconds)",
+                Self.bodyHeader: body,
+                "Cache-Control": "no-store",
+            ]
         }
     }
 
@@ -82,51 +88,72 @@ struct UpstreamHeaders {
     static let jti = HTTPField.Name("X-Credential-Jti")!
     static let standardNames = [scope, clientID, username, tokenType, exp, iat, nbf, sub, aud, iss, jti]
 
-    var fields = HTTPFields()
+    var fields = HTTPHeaders()
     var dropped: [String] = []
+    /// Which names were set, for Envoy's remove list: bit i is standardNames[i], bit 11 + j the
+    /// policy's j-th forwarded claim (beyond 53 claims the list is computed from `fields`).
+    private var set: UInt64 = 0
 
     init(grant: Grant, policy: PolicyConfiguration?, front: AccessRequest.Front) {
+        let claims = policy?.forwardClaimHeaders ?? []
+        fields.reserveCapacity(Self.standardNames.count + claims.count + 2)
         if let info = grant.token {
             let extraString = { (name: String) in info.extra[name]?.stringValue }
-            add(Self.scope, info.scope)
-            add(Self.clientID, info.clientID ?? extraString("clientId") ?? extraString("azp"))
-            add(Self.username, info.username ?? extraString("preferred_username"))
-            add(Self.tokenType, info.tokenType ?? extraString("typ"))
-            add(Self.exp, info.exp.map { String($0) })
-            add(Self.iat, info.iat.map { String($0) })
-            add(Self.nbf, info.nbf.map { String($0) })
-            add(Self.sub, info.sub)
-            add(Self.aud, info.aud.isEmpty ? nil : info.aud.joined(separator: ","))
-            add(Self.iss, info.iss)
-            add(Self.jti, info.jti)
-            for (claim, name) in policy?.forwardClaimHeaders ?? [] {
-                add(name, info.claim(claim).map(Self.text))
+            add(0, info.scope)
+            add(1, info.clientID ?? extraString("clientId") ?? extraString("azp"))
+            add(2, info.username ?? extraString("preferred_username"))
+            add(3, info.tokenType ?? extraString("typ"))
+            add(4, info.exp.map { String($0) })
+            add(5, info.iat.map { String($0) })
+            add(6, info.nbf.map { String($0) })
+            add(7, info.sub)
+            add(8, info.aud.isEmpty ? nil : info.aud.count == 1 ? info.aud[0] : info.aud.joined(separator: ","))
+            add(9, info.iss)
+            add(10, info.jti)
+            for (j, (claim, name)) in claims.enumerated() {
+                add(name, bit: Self.standardNames.count + j, info.claim(claim).map(Self.text))
             }
         } else {
-            fields[.anonymous] = "true"
+            fields.add(name: "X-Anonymous", value: "true")
         }
         if front != .nginx {
             // Envoy keeps a client's copy of any header the answer does not set (DESIGN.md §6).
-            var remove = (Self.standardNames + (policy?.forwardClaimHeaders ?? []).map(\.1))
-                .filter { fields[$0] == nil }
-                .map(\.canonicalName)
+            let names = Self.standardNames + claims.map(\.1)
+            var remove = names.indices
+                .filter { !isSet(names[$0], bit: $0) }
+                .map { names[$0].canonicalName }
             if policy?.hideCredentials == true {
                 remove.append("authorization")
                 if let header = policy?.certificateHeader { remove.append(header.lowercased()) }
             }
             if !remove.isEmpty {
-                fields[.envoyHeadersToRemove] = remove.joined(separator: ",")
+                fields.add(name: "x-envoy-auth-headers-to-remove", value: remove.joined(separator: ","))
             }
         }
     }
 
-    private mutating func add(_ name: HTTPField.Name, _ value: String?) {
+    private mutating func add(_ index: Int, _ value: String?) {
+        add(Self.standardNames[index], bit: index, value)
+    }
+
+    private mutating func add(_ name: HTTPField.Name, bit: Int, _ value: String?) {
         guard let value else { return }
-        guard !value.utf8.contains(where: { $0 < 0x20 || $0 == 0x7F }) else {
+        guard !Self.holdsControlCharacter(value) else {
             dropped.append(name.rawName)
             return
         }
-        fields.append(HTTPField(name: name, value: value))
+        fields.add(name: name.rawName, value: value)
+        if bit < 64 { set |= 1 << UInt64(bit) }
+    }
+
+    private func isSet(_ name: HTTPField.Name, bit: Int) -> Bool {
+        bit < 64 ? set & (1 << UInt64(bit)) != 0 : fields.contains(name: name.rawName)
+    }
+
+    /// CR, LF, NUL and the other C0 controls and DEL would break or smuggle a header.
+    static func holdsControlCharacter(_ value: String) -> Bool {
+        var value = value
+        return value.withUTF8 { bytes in bytes.contains(where: { $0 < 0x20 || $0 == 0x7F }) }
     }
 
     /// A claim as header text: strings as they are, arrays of strings comma-separated, other

@@ -27,25 +27,44 @@ public struct CertificateError: Error, Equatable, Sendable, CustomStringConverti
 /// The SHA-256 of a DER certificate: what RFC 8705 `x5t#S256` names, in bytes.
 public struct CertificateThumbprint: Equatable, Sendable, CustomStringConvertible {
     public let bytes: [UInt8]
+    /// base64url without padding, as in a token's `cnf["x5t#S256"]`; computed once, since a
+    /// thumbprint is remembered per certificate header and compared on every request.
+    public let base64URL: String
 
     /// Thumbprint of DER bytes.
     public init(der: [UInt8]) {
-        bytes = Array(SHA256.hash(data: der))
+        self.init(checked: Array(SHA256.hash(data: der)))
     }
 
     /// From 32 raw bytes (XFCC `Hash=`).
     init?(digest: [UInt8]) {
         guard digest.count == SHA256.byteCount else { return nil }
-        bytes = digest
+        self.init(checked: digest)
     }
 
-    /// base64url without padding, as in a token's `cnf["x5t#S256"]`.
-    public var base64URL: String { Base64.encodeURLSafe(bytes) }
+    private init(checked bytes: [UInt8]) {
+        self.bytes = bytes
+        self.base64URL = Base64.encodeURLSafe(bytes)
+    }
 
     public var description: String { base64URL }
 
-    /// Whether a token's `x5t#S256` names this certificate, in time independent of where they differ.
+    public static func == (lhs: Self, rhs: Self) -> Bool { lhs.bytes == rhs.bytes }
+
+    /// Whether a token's `x5t#S256` names this certificate, in time independent of where they
+    /// differ. The canonical form (RFC 8705: base64url, no padding) is compared as text; any
+    /// other spelling of the same bytes is decoded first.
     public func matches(x5tS256 value: String) -> Bool {
+        var value = value
+        let canonical = value.withUTF8 { given in
+            base64URL.utf8.withContiguousStorageIfAvailable { expected in
+                guard given.count == expected.count else { return false }
+                var difference: UInt8 = 0
+                for i in 0..<given.count { difference |= given[i] ^ expected[i] }
+                return difference == 0
+            } ?? false
+        }
+        if canonical { return true }
         guard let decoded = Base64.decode(value.utf8), decoded.count == bytes.count else { return false }
         var difference: UInt8 = 0
         for i in 0..<bytes.count { difference |= decoded[i] ^ bytes[i] }

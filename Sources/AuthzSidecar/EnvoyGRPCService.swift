@@ -72,14 +72,14 @@ public struct EnvoyGRPCService: Envoy_Service_Auth_V3_Authorization.SimpleServic
         if answer.status == 200 {
             response.status.code = Self.ok
             var ok = Envoy_Service_Auth_V3_OkHttpResponse()
-            for field in answer.headers {
-                switch field.name {
-                case .envoyHeadersToRemove:
-                    ok.headersToRemove = field.value.split(separator: ",").map(String.init)
-                case .cacheControl:
+            for (name, value) in answer.headers {
+                switch name.lowercased() {
+                case "x-envoy-auth-headers-to-remove":
+                    ok.headersToRemove = value.split(separator: ",").map(String.init)
+                case "cache-control":
                     continue  // about the answer, not the upstream request
                 default:
-                    ok.headers.append(option(field))
+                    ok.headers.append(option(name, value))
                 }
             }
             response.okResponse = ok
@@ -89,18 +89,18 @@ public struct EnvoyGRPCService: Envoy_Service_Auth_V3_Authorization.SimpleServic
             var denied = Envoy_Service_Auth_V3_DeniedHttpResponse()
             denied.status.code = Envoy_Type_V3_StatusCode(rawValue: answer.status) ?? .unauthorized
             denied.body = answer.body
-            for field in answer.headers where field.name != .authzBody {
-                denied.headers.append(option(field))
+            for (name, value) in answer.headers where name.lowercased() != AuthzAnswer.bodyHeader.lowercased() {
+                denied.headers.append(option(name, value))
             }
             response.deniedResponse = denied
         }
         return response
     }
 
-    private static func option(_ field: HTTPField) -> Envoy_Config_Core_V3_HeaderValueOption {
+    private static func option(_ name: String, _ value: String) -> Envoy_Config_Core_V3_HeaderValueOption {
         var option = Envoy_Config_Core_V3_HeaderValueOption()
-        option.header.key = field.name.canonicalName
-        option.header.value = field.value
+        option.header.key = name.lowercased()
+        option.header.value = value
         option.appendAction = .overwriteIfExistsOrAdd
         return option
     }

@@ -91,7 +91,7 @@ public struct PolicyConfiguration: Sendable, Equatable {
 
     /// Whether this policy covers a request (path prefix on the path without its query, host, method).
     public func matches(method: String, path: Substring, host: Substring) -> Bool {
-        guard path.hasPrefix(pathPrefix) else { return false }
+        guard path.utf8.starts(with: pathPrefix.utf8) else { return false }
         if !methods.isEmpty, !methods.contains(where: { $0.utf8.elementsEqual(method.utf8) }) {
             return false
         }

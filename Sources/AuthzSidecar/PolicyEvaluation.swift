@@ -53,11 +53,10 @@ public struct PolicyEvaluation: Sendable {
 
         // 6. scopes
         if !policy.requiredScopes.isEmpty {
-            let granted = info.scopes
             let satisfied: Bool
             switch policy.scopeMatch {
-            case .all: satisfied = policy.requiredScopes.allSatisfy { required in granted.contains { $0 == required } }
-            case .any: satisfied = policy.requiredScopes.contains { required in granted.contains { $0 == required } }
+            case .all: satisfied = policy.requiredScopes.allSatisfy(info.grants(scope:))
+            case .any: satisfied = policy.requiredScopes.contains(where: info.grants(scope:))
             }
             guard satisfied else { return .deny(Denial(.insufficientScope)) }
         }
@@ -78,9 +77,10 @@ public struct PolicyEvaluation: Sendable {
         var format = policy.certificateFormat
         if let headerName = policy.certificateHeader {
             guard let name = policy.certificateField else { return nil }
-            let values = request.headers[values: name]
+            let values = request.headers.values(name)
             guard let first = values.first else { return nil }
-            guard values.count == 1 else { return .failure(CertificateError("\(headerName) appears \(values.count) times")) }
+            let count = values.count
+            guard count == 1 else { return .failure(CertificateError("\(headerName) appears \(count) times")) }
             value = first
         } else if let peer = request.peerCertificate {
             value = peer

@@ -7,7 +7,7 @@
 /// stays encoded: it is data, not a separator.
 enum RequestPath {
     static func normalized(_ target: Substring) -> Substring {
-        let path = target.firstIndex(where: { $0 == "?" || $0 == "#" }).map { target[..<$0] } ?? target
+        let path = target.utf8.firstIndex(where: { $0 == UInt8(ascii: "?") || $0 == UInt8(ascii: "#") }).map { target[..<$0] } ?? target
         guard needsWork(path) else { return path }
         return Substring(normalize(decodeUnreserved(path)))
     }

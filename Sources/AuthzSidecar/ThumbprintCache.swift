@@ -8,9 +8,35 @@ import NIOConcurrencyHelpers
 /// every request. Failures are not cached.
 final class ThumbprintCache: Sendable {
     struct Key: Hashable, Sendable {
-        var value: String
-        var format: CertificateFormat
-        var element: PolicyConfiguration.XFCCElement
+        let value: String
+        let format: CertificateFormat
+        let element: PolicyConfiguration.XFCCElement
+        /// Hashed once, from the length and both ends of the value: a certificate header is 1–2
+        /// KiB and its ends (the PEM header, the signature) already tell certificates apart, so
+        /// the whole text is read once more only to confirm a hit (`==`).
+        let digest: Int
+
+        init(value: String, format: CertificateFormat, element: PolicyConfiguration.XFCCElement) {
+            self.value = value
+            self.format = format
+            self.element = element
+            var hasher = Hasher()
+            var text = value
+            text.withUTF8 { bytes in
+                hasher.combine(bytes.count)
+                hasher.combine(bytes: UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: bytes.prefix(64))))
+                hasher.combine(bytes: UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: bytes.suffix(192))))
+            }
+            hasher.combine(format)
+            hasher.combine(element)
+            digest = hasher.finalize()
+        }
+
+        func hash(into hasher: inout Hasher) { hasher.combine(digest) }
+
+        static func == (lhs: Key, rhs: Key) -> Bool {
+            lhs.digest == rhs.digest && lhs.format == rhs.format && lhs.element == rhs.element && lhs.value == rhs.value
+        }
     }
 
     private final class Shard: Sendable {
@@ -27,7 +53,7 @@ final class ThumbprintCache: Sendable {
 
     func thumbprint(header value: String, format: CertificateFormat, element: PolicyConfiguration.XFCCElement) throws(CertificateError) -> CertificateThumbprint {
         let key = Key(value: value, format: format, element: element)
-        let shard = shards[Int(UInt(bitPattern: key.hashValue) % UInt(shards.count))]
+        let shard = shards[Int(UInt(bitPattern: key.digest) % UInt(shards.count))]
         if let known = shard.entries.withLockedValue({ $0[key] }) { return known }
         let computed = try ClientCertificate.thumbprint(header: value, format: format, xfccElement: element)
         shard.entries.withLockedValue { entries in

@@ -68,6 +68,27 @@ public struct TokenInfo: Sendable, Equatable {
         scope?.split(separator: " ", omittingEmptySubsequences: true) ?? []
     }
 
+    /// Whether `scope` grants `wanted`: one of its space-separated names is exactly it. Reads the
+    /// string in place (no array of scopes per request).
+    public func grants(scope wanted: String) -> Bool {
+        guard var scope, !wanted.isEmpty else { return false }
+        var wanted = wanted
+        return scope.withUTF8 { granted in
+            wanted.withUTF8 { wanted in
+                var start = 0
+                while start < granted.count {
+                    var end = start
+                    while end < granted.count, granted[end] != UInt8(ascii: " ") { end += 1 }
+                    if end - start == wanted.count, granted[start..<end].elementsEqual(wanted) {
+                        return true
+                    }
+                    start = end + 1
+                }
+                return false
+            }
+        }
+    }
+
     /// Whether `exp` has passed at `now` (a token without `exp` never expires by it).
     public func hasExpired(at now: Double) -> Bool {
         guard let exp else { return false }

@@ -112,6 +112,12 @@ struct ClientCertificateTests {
         #expect(!presented.matches(x5tS256: String(client1.dropLast())))
         #expect(!presented.matches(x5tS256: ""))
         #expect(!presented.matches(x5tS256: "not base64 !"))
+        // The canonical form is compared as text; other spellings of the same bytes still match.
+        let standardAlphabet = client1.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
+        #expect(presented.matches(x5tS256: standardAlphabet + "="))
+        #expect(presented.matches(x5tS256: client1 + "="))
+        #expect(!presented.matches(x5tS256: String(client1.dropLast()) + "A="))
+        #expect(presented.base64URL == client1)
     }
 }
 

@@ -1,6 +1,7 @@
 @testable import AuthzSidecar
 import HTTPTypes
 import Introspection
+import NIOHTTP1
 import Testing
 
 @Suite("PolicyEvaluation: DESIGN.md §5 steps 4–7, one row per rule")
@@ -146,6 +147,38 @@ struct PolicyEvaluationTests {
             return
         }
         #expect(other.reason == .certificateMissing)
+    }
+
+    @Test("header names as SwiftNIO delivers them: any case, underscores and digits kept apart")
+    func headerLookup() {
+        var headers = HTTPHeaders()
+        headers.add(name: "x-client-CERT", value: Self.client1Header)
+        headers.add(name: "AUTHORIZATION", value: "Bearer a")
+        headers.add(name: "x_client_cert2", value: "other")
+        headers.add(name: "X-Original-Uri", value: "/token-mtls/api/?q=1")
+        headers.add(name: "x-original-method", value: "post")
+        headers.add(name: "Host", value: "sidecar")
+        headers.add(name: "X-Original-Host", value: "proxy.example")
+        guard let request = AccessRequest(method: "GET", target: "/authz", headers: headers, trustPolicyHeader: false) else {
+            Issue.record("/authz is the nginx decision path")
+            return
+        }
+        #expect(request.front == .nginx)
+        #expect(request.method == "POST")
+        #expect(request.path == "/token-mtls/api/?q=1")
+        #expect(request.host == "proxy.example")
+        #expect(Array(request.headers.values(.authorization)) == ["Bearer a"])
+        #expect(request.headers.first(HTTPField.Name("X_Client_Cert2")!) == "other")
+        #expect(request.headers.first(HTTPField.Name("X-Client-Cert2")!) == nil)
+        #expect(request.headerBytes == headers.reduce(0) { $0 + $1.name.utf8.count + $1.value.utf8.count + 4 })
+        #expect(PolicyEvaluation(policy: Self.policy).decide(token: Self.token(), request: request, now: Self.now) == .allow(Grant(token: Self.token(), cacheSeconds: 0)))
+
+        let envoy = AccessRequest(method: "DELETE", target: "/authz/token-mtls/x", headers: ["host": "api"], trustPolicyHeader: false)
+        #expect(envoy?.front == .envoyHTTP)
+        #expect(envoy?.path == "/token-mtls/x")
+        #expect(envoy?.host == "api")
+        #expect(envoy?.method == "DELETE")
+        #expect(AccessRequest(method: "GET", target: "/authzx", headers: [:], trustPolicyHeader: false) == nil)
     }
 
     @Test("policy matching: prefix on the path without query, hosts with or without port, methods")

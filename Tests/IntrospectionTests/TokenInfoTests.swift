@@ -124,6 +124,38 @@ struct TokenInfoTests {
         #expect(info.scopes.count == 10_000)
     }
 
+    @Test("grants(scope:) agrees with the split scopes: whole names only")
+    func grantsScope() throws {
+        let table: [(scope: String?, wanted: String, granted: Bool)] = [
+            ("system-access", "system-access", true),
+            ("read  write", "write", true),
+            (" read", "read", true),
+            ("read ", "read", true),
+            ("system-access", "system", false),
+            ("system", "system-access", false),
+            ("a b c", "a b", false),
+            ("a b c", "", false),
+            ("", "a", false),
+            (nil, "a", false),
+            ("réad write", "réad", true),
+        ]
+        for row in table {
+            var info = TokenInfo(active: true)
+            info.scope = row.scope
+            #expect(info.grants(scope: row.wanted) == row.granted, "\(String(describing: row.scope)) / \(row.wanted)")
+            #expect(info.grants(scope: row.wanted) == (!row.wanted.isEmpty && info.scopes.contains { $0 == row.wanted }))
+        }
+        // Against the split form over random scope strings from a small alphabet.
+        var rng = SystemRandomNumberGenerator()
+        let alphabet: [Character] = ["a", "b", " ", "c"]
+        for _ in 0..<2_000 {
+            var info = TokenInfo(active: true)
+            info.scope = String((0..<Int.random(in: 0...9, using: &rng)).map { _ in alphabet.randomElement(using: &rng)! })
+            let wanted = String((0..<Int.random(in: 1...3, using: &rng)).map { _ in alphabet.randomElement(using: &rng)! })
+            #expect(info.grants(scope: wanted) == info.scopes.contains { $0 == wanted }, "\(info.scope!) / \(wanted)")
+        }
+    }
+
     @Test("unicode escapes, including surrogate pairs")
     func unicode() throws {
         let info = try Self.parse(#"{"active":true,"sub":"caf\u00e9 \ud83d\ude00 ü"}"#)
