@@ -346,7 +346,7 @@ class Bench:
     def start_fake_as(self, name: str, latency_ms: int) -> tuple[subprocess.Popen, int]:
         port = stack.free_port()
         p = PROCS.start(name, [self.bench_bin, "fake-as", "--host", "127.0.0.1", "--port", str(port),
-                               "--latency-ms", str(latency_ms), "--thumbprint", self.thumbprint,
+                               "--latency-ms", str(latency_ms), f"--thumbprint={self.thumbprint}",  # may start with "-"
                                "--scope", "system-access"], self.work / "logs" / f"{name}.log")
         stack.wait_http(f"http://127.0.0.1:{port}/calls", timeout=20, proc=p)
         return p, port
