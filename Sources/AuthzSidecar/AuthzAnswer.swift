@@ -118,16 +118,24 @@ struct UpstreamHeaders {
         }
         if front != .nginx {
             // Envoy keeps a client's copy of any header the answer does not set (DESIGN.md §6).
-            let names = Self.standardNames + claims.map(\.1)
-            var remove = names.indices
-                .filter { !isSet(names[$0], bit: $0) }
-                .map { names[$0].canonicalName }
+            var remove = ""
+            remove.reserveCapacity(256)
+            func append(_ name: String) {
+                if !remove.isEmpty { remove += "," }
+                remove += name
+            }
+            for (i, name) in Self.standardNames.enumerated() where !isSet(name, bit: i) {
+                append(name.canonicalName)
+            }
+            for (j, (_, name)) in claims.enumerated() where !isSet(name, bit: Self.standardNames.count + j) {
+                append(name.canonicalName)
+            }
             if policy?.hideCredentials == true {
-                remove.append("authorization")
-                if let header = policy?.certificateHeader { remove.append(header.lowercased()) }
+                append("authorization")
+                if let header = policy?.certificateHeader { append(header.lowercased()) }
             }
             if !remove.isEmpty {
-                fields.add(name: "x-envoy-auth-headers-to-remove", value: remove.joined(separator: ","))
+                fields.add(name: "x-envoy-auth-headers-to-remove", value: remove)
             }
         }
     }
