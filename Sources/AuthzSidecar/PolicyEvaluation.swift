@@ -3,13 +3,16 @@ import Introspection
 
 /// The decision proper (DESIGN.md §5 steps 4–7): a pure function of the token's introspection,
 /// the request, the policy and the time.
-public struct PolicyEvaluation: Sendable {
-    public var policy: PolicyConfiguration
-    public var expectedIssuer: String?
+///
+/// A class: the authorizer picks one per request, and a reference costs one retain where a copy
+/// of the policy costs one per field.
+public final class PolicyEvaluation: Sendable {
+    public let policy: PolicyConfiguration
+    public let expectedIssuer: String?
     /// Where decoded certificate headers are remembered; nil decodes every time.
     let thumbprints: ThumbprintCache?
 
-    public init(policy: PolicyConfiguration, expectedIssuer: String? = nil) {
+    public convenience init(policy: PolicyConfiguration, expectedIssuer: String? = nil) {
         self.init(policy: policy, expectedIssuer: expectedIssuer, thumbprints: nil)
     }
 

@@ -5,25 +5,64 @@
 /// it: `active` must be a JSON boolean and `cnf` must be an object whose `x5t#S256` is a string,
 /// otherwise the response is refused as malformed (an AS fault), never read as "unbound".
 public struct TokenInfo: Sendable, Equatable {
-    public var active: Bool
-    public var scope: String?
-    public var clientID: String?
-    public var username: String?
-    public var tokenType: String?
-    public var exp: Int64?
-    public var iat: Int64?
-    public var nbf: Int64?
-    public var sub: String?
-    public var aud: [String]
-    public var iss: String?
-    public var jti: String?
+    public var active: Bool { get { box.members.active } set { unique().members.active = newValue } }
+    public var scope: String? { get { box.members.scope } set { unique().members.scope = newValue } }
+    public var clientID: String? { get { box.members.clientID } set { unique().members.clientID = newValue } }
+    public var username: String? { get { box.members.username } set { unique().members.username = newValue } }
+    public var tokenType: String? { get { box.members.tokenType } set { unique().members.tokenType = newValue } }
+    public var exp: Int64? { get { box.members.exp } set { unique().members.exp = newValue } }
+    public var iat: Int64? { get { box.members.iat } set { unique().members.iat = newValue } }
+    public var nbf: Int64? { get { box.members.nbf } set { unique().members.nbf = newValue } }
+    public var sub: String? { get { box.members.sub } set { unique().members.sub = newValue } }
+    public var aud: [String] { get { box.members.aud } set { unique().members.aud = newValue } }
+    public var iss: String? { get { box.members.iss } set { unique().members.iss = newValue } }
+    public var jti: String? { get { box.members.jti } set { unique().members.jti = newValue } }
     /// RFC 8705 §3.1 `cnf["x5t#S256"]`: base64url SHA-256 of the certificate the token is bound to.
-    public var certificateThumbprint: String?
+    public var certificateThumbprint: String? { get { box.members.certificateThumbprint } set { unique().members.certificateThumbprint = newValue } }
     /// RFC 9449 `cnf["jkt"]` (DPoP), kept for policies; not enforced.
-    public var jwkThumbprint: String?
+    public var jwkThumbprint: String? { get { box.members.jwkThumbprint } set { unique().members.jwkThumbprint = newValue } }
     /// Members that are not modelled above (Keycloak's `clientId`, `typ`, `azp`,
     /// `preferred_username`, custom claims), for the header fallbacks and `forward_claims`.
-    public var extra: [String: JSONValue]
+    public var extra: [String: JSONValue] { get { box.members.extra } set { unique().members.extra = newValue } }
+
+    /// The members, behind one reference. A cached token is copied several times per decision
+    /// (out of the cache, into the grant, into the answer); as a plain struct each copy retained
+    /// and released every string member, which measured as a tenth of a cache hit's own cost.
+    /// Copy-on-write keeps the value semantics.
+    struct Members: Sendable, Equatable {
+        var active: Bool
+        var scope: String?
+        var clientID: String?
+        var username: String?
+        var tokenType: String?
+        var exp: Int64?
+        var iat: Int64?
+        var nbf: Int64?
+        var sub: String?
+        var aud: [String]
+        var iss: String?
+        var jti: String?
+        var certificateThumbprint: String?
+        var jwkThumbprint: String?
+        var extra: [String: JSONValue]
+    }
+
+    /// Mutated only while uniquely referenced (`unique()`), so sharing it across threads is safe.
+    private final class Box: @unchecked Sendable {
+        var members: Members
+        init(_ members: Members) { self.members = members }
+    }
+
+    private var box: Box
+
+    private mutating func unique() -> Box {
+        if !isKnownUniquelyReferenced(&box) { box = Box(box.members) }
+        return box
+    }
+
+    public static func == (lhs: TokenInfo, rhs: TokenInfo) -> Bool {
+        lhs.box === rhs.box || lhs.box.members == rhs.box.members
+    }
 
     public init(
         active: Bool,
@@ -42,21 +81,23 @@ public struct TokenInfo: Sendable, Equatable {
         jwkThumbprint: String? = nil,
         extra: [String: JSONValue] = [:]
     ) {
-        self.active = active
-        self.scope = scope
-        self.clientID = clientID
-        self.username = username
-        self.tokenType = tokenType
-        self.exp = exp
-        self.iat = iat
-        self.nbf = nbf
-        self.sub = sub
-        self.aud = aud
-        self.iss = iss
-        self.jti = jti
-        self.certificateThumbprint = certificateThumbprint
-        self.jwkThumbprint = jwkThumbprint
-        self.extra = extra
+        box = Box(Members(
+            active: active,
+            scope: scope,
+            clientID: clientID,
+            username: username,
+            tokenType: tokenType,
+            exp: exp,
+            iat: iat,
+            nbf: nbf,
+            sub: sub,
+            aud: aud,
+            iss: iss,
+            jti: jti,
+            certificateThumbprint: certificateThumbprint,
+            jwkThumbprint: jwkThumbprint,
+            extra: extra
+        ))
     }
 
     /// The answer for every token the AS does not vouch for; all other members are dropped

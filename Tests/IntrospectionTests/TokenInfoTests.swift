@@ -124,6 +124,25 @@ struct TokenInfoTests {
         #expect(info.scopes.count == 10_000)
     }
 
+    @Test("value semantics: a copy changed is another value; equal members compare equal")
+    func valueSemantics() throws {
+        let original = try Self.parse(#"{"active":true,"scope":"a b","sub":"s","aud":["x"],"tenant":"t"}"#)
+        var copy = original
+        #expect(copy == original)
+        copy.sub = "other"
+        copy.extra["tenant"] = .string("u")
+        copy.aud.append("y")
+        #expect(original.sub == "s")
+        #expect(original.extra["tenant"] == .string("t"))
+        #expect(original.aud == ["x"])
+        #expect(copy != original)
+        copy.sub = "s"
+        copy.extra["tenant"] = .string("t")
+        copy.aud = ["x"]
+        #expect(copy == original)
+        #expect(TokenInfo(active: true, scope: "a b", sub: "s", aud: ["x"], extra: ["tenant": .string("t")]) == original)
+    }
+
     @Test("grants(scope:) agrees with the split scopes: whole names only")
     func grantsScope() throws {
         let table: [(scope: String?, wanted: String, granted: Bool)] = [
