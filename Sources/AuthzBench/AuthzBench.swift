@@ -19,13 +19,25 @@ struct AuthzBench: AsyncParsableCommand {
 
 /// `reference`: the cost of HTTP itself — a minimal SwiftNIO HTTP/1.1 server answering 200 with
 /// two small headers.
+/// With `--sidecar-answer`, it answers the nine headers a sidecar allow carries instead: the cost
+/// of the bigger answer alone, without any decision.
 struct Reference: AsyncParsableCommand {
     @Option var host = "127.0.0.1"
     @Option var port = 9301
+    @Flag(help: "Answer with the same headers as a sidecar allow (X-Credential-*, Cache-Control).") var sidecarAnswer = false
 
     func run() async throws {
+        let headers =
+            sidecarAnswer
+            ? [
+                ("X-Credential-Scope", "system-access"), ("X-Credential-Client-ID", "system-client-mtls"),
+                ("X-Credential-Token-Type", "bearer"), ("X-Credential-Exp", "1796062449"), ("X-Credential-Iat", "1795976049"),
+                ("X-Credential-Sub", "svc"), ("X-Credential-Iss", "https://as.example"),
+                ("X-Credential-Jti", "a1b2c3d4-e5f6-7890-abcd-ef0123456789"), ("Cache-Control", "no-store"),
+            ]
+            : [("X-Credential-Scope", "system-access"), ("X-Credential-Sub", "svc")]
         let channel = try await HTTPBenchServer.bind(host: host, port: port) { _, _ in
-            (.ok, [("X-Credential-Scope", "system-access"), ("X-Credential-Sub", "svc")], "", .zero)
+            (.ok, headers, "", .zero)
         }
         print("reference listening on \(host):\(port)")
         try await channel.closeFuture.get()
