@@ -412,6 +412,13 @@ policies:
         self.ref_proc = PROCS.start("reference", [self.bench_bin, "reference", "--host", "127.0.0.1", "--port",
                                                   str(self.ref_port)], self.work / "logs" / "reference.log")
         stack.wait_port("127.0.0.1", self.ref_port, timeout=20, proc=self.ref_proc)
+        # The same server answering a sidecar allow's nine headers: the cost of the bigger answer
+        # alone, to tell it from the cost of the decision.
+        self.ref9_port = stack.free_port()
+        self.ref9_proc = PROCS.start("reference-answer", [self.bench_bin, "reference", "--host", "127.0.0.1", "--port",
+                                                          str(self.ref9_port), "--sidecar-answer"],
+                                     self.work / "logs" / "reference-answer.log")
+        stack.wait_port("127.0.0.1", self.ref9_port, timeout=20, proc=self.ref9_proc)
         self.sc_port, self.sc_grpc_port = stack.free_port(), stack.free_port()
         self.sc_proc = self.start_sidecar("sidecar", f"127.0.0.1:{self.sc_port}", self.as_port,
                                           f"127.0.0.1:{self.sc_grpc_port}")
@@ -745,7 +752,9 @@ http {{
         hit_xfcc = Scenario("hit_xfcc", "sidecar hit, direct (Envoy-style XFCC Hash)",
                             f"http://127.0.0.1:{self.sc_port}/authz/token-mtls-envoy/api/", self.xfcc_headers(), sc,
                             negative_headers=self.without_token(self.xfcc_headers()))
-        direct = Group("direct", ref, [hit, hit_xfcc], self.rounds, self.duration)
+        ref9 = Scenario("ref_answer", "reference NIO answering the sidecar's 9 allow headers (no decision)",
+                        f"http://127.0.0.1:{self.ref9_port}/authz", self.hit_headers(), lambda: [self.ref9_proc.pid])
+        direct = Group("direct", ref, [ref9, hit, hit_xfcc], self.rounds, self.duration)
 
         client = {"Authorization": f"Bearer {self.token}", "X-Client-Cert": self.cert_escaped}
         nt = self.without_token(client)
@@ -1049,7 +1058,7 @@ end
         out = [f"## authz-sidecar benchmark ({self.mode})", ""] + self.machine_info() + [""]
         out += ["| scenario | req/s | × ref | p50 ms | p99 ms | CPU µs/req | × ref | reference |",
                 "|---|---:|---:|---:|---:|---:|---:|---|"]
-        order = ["ref", "hit_nginx", "hit_xfcc", "ng_ref", "ng_tcp", "ng_unix", "ng_ret200", "ng_introspect",
+        order = ["ref", "ref_answer", "hit_nginx", "hit_xfcc", "ng_ref", "ng_tcp", "ng_unix", "ng_ret200", "ng_introspect",
                  "ng_decision", "ng_noauth", "cold_ref", "cold"]
         for key in order:
             if key in by_key:
