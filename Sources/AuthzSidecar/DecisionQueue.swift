@@ -1,51 +1,65 @@
+import NIOConcurrencyHelpers
 import NIOCore
-import NIOPosix
 import ServiceLifecycle
 
-/// Runs the decisions that must wait for the authorization server (cache misses) as child
-/// tasks of one long-lived service, and completes each request's promise on its event loop.
-/// Cache hits never come here: the server answers them without suspending.
+/// Runs the decisions that must wait for the authorization server (cache misses), each as a task
+/// on the event loop of the connection that asked, and completes its promise there. Cache hits
+/// never come here: the server answers them without suspending.
+///
+/// As a service it keeps the decisions in flight accountable: on graceful shutdown it refuses new
+/// ones (503) and returns once every decision it started has answered.
 public final class DecisionQueue: Service, Sendable {
-    struct Job: Sendable {
-        let request: AccessRequest
-        let authorizer: Authorizer
-        let promise: EventLoopPromise<AuthzAnswer>
+    private struct State {
+        var inFlight = 0
+        var closed = false
+        /// Resumed when `closed` and nothing is in flight.
+        var drained: CheckedContinuation<Void, Never>?
     }
 
-    private let stream: AsyncStream<Job>
-    private let continuation: AsyncStream<Job>.Continuation
+    private let state = NIOLockedValueBox(State())
 
-    public init() {
-        (stream, continuation) = AsyncStream.makeStream(of: Job.self)
-    }
+    public init() {}
 
     /// Decides `request` in the background; a queue that has stopped answers 503.
     func submit(_ request: AccessRequest, to authorizer: Authorizer, promise: EventLoopPromise<AuthzAnswer>) {
-        if case .terminated = continuation.yield(Job(request: request, authorizer: authorizer, promise: promise)) {
-            promise.succeed(AuthzAnswer(outcome: .fault(.overloaded), policy: nil, front: request.front))
+        let accepted = state.withLockedValue { state -> Bool in
+            guard !state.closed else { return false }
+            state.inFlight += 1
+            return true
         }
+        guard accepted else {
+            promise.succeed(AuthzAnswer(outcome: .fault(.overloaded), policy: nil, front: request.front))
+            return
+        }
+        // Started directly on the event loop that asked: no other thread is woken to hand the
+        // job over, and the answer is written from where it is computed.
+        Task(executorPreference: EventLoopTaskExecutor(promise.futureResult.eventLoop)) {
+            promise.succeed(await authorizer.answer(request))
+            self.finished()
+        }
+    }
+
+    private func finished() {
+        let drained = state.withLockedValue { state -> CheckedContinuation<Void, Never>? in
+            state.inFlight -= 1
+            guard state.closed, state.inFlight == 0 else { return nil }
+            defer { state.drained = nil }
+            return state.drained
+        }
+        drained?.resume()
     }
 
     public func run() async {
-        // The queue itself waits on an event loop too: handing it a job wakes no other thread.
-        await withTaskExecutorPreference(EventLoopTaskExecutor(MultiThreadedEventLoopGroup.singleton.next())) {
-            await self.serve()
-        }
-    }
-
-    private func serve() async {
-        await withGracefulShutdownHandler {
-            await withDiscardingTaskGroup { group in
-                for await job in stream {
-                    // On the event loop that asked: no hop to the global pool and back.
-                    group.addTask(executorPreference: EventLoopTaskExecutor(job.promise.futureResult.eventLoop)) {
-                        job.promise.succeed(await job.authorizer.answer(job.request))
-                    }
-                }
+        try? await gracefulShutdown()
+        // The listeners stop first (they are started after the queue); finish what is in flight.
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let done = state.withLockedValue { state -> Bool in
+                state.closed = true
+                guard state.inFlight > 0 else { return true }
+                state.drained = continuation
+                return false
             }
-        } onGracefulShutdown: {
-            // The listeners stop first (they are started after the queue); finish what is queued.
-            self.continuation.finish()
+            if done { continuation.resume() }
         }
     }
 }

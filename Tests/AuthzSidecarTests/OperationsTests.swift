@@ -7,6 +7,8 @@ import Logging
 import Metrics
 import NIOCore
 import Prometheus
+import ServiceLifecycle
+import NIOPosix
 import Synchronization
 import Testing
 
@@ -140,6 +142,57 @@ struct OperationsTests {
             }
             try await fresh.shutdown()
             #expect(refused)
+        }
+    }
+}
+
+@Suite("DecisionQueue: misses decided on the asking event loop, drained on shutdown")
+struct DecisionQueueTests {
+    @Test("answers on the promise's loop; shutdown waits for decisions in flight, then refuses new ones with 503")
+    func drainsThenRefuses() async throws {
+        let gate = Gate()
+        let entered = CallCounter()
+        let slow = ClosureTokenIntrospector { _ in
+            entered.increment()
+            await gate.wait()
+            return TokenInfo(active: true, scope: "read")
+        }
+        let configuration = try SidecarConfiguration.parse(yaml: OperationsTests.yaml)
+        let authorizer = Authorizer(
+            configuration: configuration,
+            cache: CachingTokenIntrospector(upstream: slow, configuration: configuration.cache),
+            metrics: NOOPMetricsHandler.instance
+        )
+        let queue = DecisionQueue()
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let group = ServiceGroup(services: [queue], logger: Logger(label: "test"))
+        let returned = CallCounter()
+
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask {
+                try await group.run()
+                returned.increment()
+            }
+            let first = loop.makePromise(of: AuthzAnswer.self)
+            let onLoop = CallCounter()
+            first.futureResult.whenSuccess { _ in if loop.inEventLoop { onLoop.increment() } }
+            queue.submit(OperationsTests.request("/api/x", token: "one"), to: authorizer, promise: first)
+            while entered.count == 0 { try await Task.sleep(for: .milliseconds(5)) }
+
+            await group.triggerGracefulShutdown()
+            try await Task.sleep(for: .milliseconds(200))
+            #expect(returned.count == 0, "the queue must wait for the decision in flight")
+
+            let late = loop.makePromise(of: AuthzAnswer.self)
+            queue.submit(OperationsTests.request("/api/x", token: "two"), to: authorizer, promise: late)
+            #expect(try await late.futureResult.get().status == 503)
+
+            await gate.open()
+            #expect(try await first.futureResult.get().status == 200)
+            try await tasks.waitForAll()
+            #expect(returned.count == 1)
+            #expect(onLoop.count == 1)
+            #expect(entered.count == 1)
         }
     }
 }
