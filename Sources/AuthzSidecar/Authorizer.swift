@@ -18,6 +18,7 @@ public final class Authorizer: Sendable {
     private let logger: Logger
     private let metrics: DecisionMetrics
     private let faultLog: RateLimitedLog
+    let allowAnswers = AllowAnswerMemo()
 
     public init(
         configuration: SidecarConfiguration,
@@ -53,8 +54,14 @@ public final class Authorizer: Sendable {
             return render(outcome, policy: policy, front: request.front)
         case .introspect(let evaluation, _, let digest):
             guard let info = cache.cached(digest) else { return nil }
-            let outcome = Outcome.decision(evaluation.decide(token: info, request: request, now: clock.now()))
+            let decision = evaluation.decide(token: info, request: request, now: clock.now())
+            let outcome = Outcome.decision(decision)
             record(outcome, policy: evaluation.policy, digest: digest, request: request, started: started)
+            if case .allow(let grant) = decision {
+                return allowAnswers.answer(for: grant, digest: digest, policy: evaluation, front: request.front) {
+                    render(outcome, policy: evaluation.policy, front: request.front)
+                }
+            }
             return render(outcome, policy: evaluation.policy, front: request.front)
         }
     }

@@ -5,7 +5,8 @@ import NIOHTTP1
 /// The HTTP answer to a proxy, independent of the server framework (DESIGN.md §6).
 public struct AuthzAnswer: Sendable {
     public var status: Int
-    /// In the order they are sent; names as they are sent.
+    /// In the order they are sent; names as they are sent. For the HTTP front ends (nginx,
+    /// Envoy's HTTP service) they include `Content-Length`, so an answer is sent as it is.
     public var headers: HTTPHeaders
     public var body: String
     /// Claim headers dropped because their value held a control character.
@@ -46,6 +47,9 @@ public struct AuthzAnswer: Sendable {
                 Self.bodyHeader: body,
                 "Cache-Control": "no-store",
             ]
+        }
+        if front != .envoyGRPC {
+            headers.add(name: "Content-Length", value: String(body.utf8.count))
         }
     }
 

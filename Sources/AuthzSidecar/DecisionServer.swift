@@ -189,11 +189,12 @@ final class DecisionHandler: ChannelInboundHandler, RemovableChannelHandler {
         if let admin = routes.admin,
             let reply = admin.respond(method: HTTPTypes.HTTPRequest.Method(request.method.rawValue) ?? .get, path: target, body: body)
         {
-            let headers = HTTPHeaders(reply.headers.map { ($0.name.rawName, $0.value) })
+            var headers = HTTPHeaders(reply.headers.map { ($0.name.rawName, $0.value) })
+            headers.add(name: "Content-Length", value: String(reply.body.readableBytes))
             write(status: HTTPResponseStatus(statusCode: reply.status.code), headers: headers, body: reply.body, to: request, context: context)
             return
         }
-        write(status: .notFound, headers: HTTPHeaders(), body: nil, to: request, context: context)
+        write(status: .notFound, headers: ["Content-Length": "0"], body: nil, to: request, context: context)
     }
 
     private func write(_ answer: AuthzAnswer, to request: HTTPRequestHead, context: ChannelHandlerContext) {
@@ -201,9 +202,9 @@ final class DecisionHandler: ChannelInboundHandler, RemovableChannelHandler {
         write(status: HTTPResponseStatus(statusCode: answer.status), headers: answer.headers, body: body, to: request, context: context)
     }
 
+    /// Writes an answer whose headers already hold its `Content-Length`.
     private func write(status: HTTPResponseStatus, headers: HTTPHeaders, body: ByteBuffer?, to request: HTTPRequestHead, context: ChannelHandlerContext) {
         var headers = headers
-        headers.add(name: "Content-Length", value: String(body?.readableBytes ?? 0))
         let keepAlive = request.isKeepAlive
         if !keepAlive { headers.add(name: "Connection", value: "close") }
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: request.version, status: status, headers: headers))), promise: nil)
