@@ -440,7 +440,7 @@ policies:
         for d in ("logs", "temp/client_body", "temp/proxy", "temp/fastcgi", "temp/uwsgi", "temp/scgi",
                   "cache/introspection", "cache/decisions"):
             (nw / d).mkdir(parents=True, exist_ok=True)
-        names = ["ref", "tcp", "unix", "ret200", "introspect_cache", "decision_cache", "noauth"]
+        names = ["ref", "ref_answer", "tcp", "unix", "ret200", "introspect_cache", "decision_cache", "noauth"]
         self.ng_ports = {n: stack.free_port() for n in names}
         basic = "Basic " + __import__("base64").b64encode(f"{AS_CLIENT_ID}:{AS_CLIENT_SECRET}".encode()).decode()
         user = "user root;\n" if os.geteuid() == 0 else ""
@@ -530,11 +530,13 @@ http {{
     }}
 
     upstream reference_nio {{ server 127.0.0.1:{self.ref_port}; keepalive 32; keepalive_requests 1000000; }}
+    upstream reference_answer {{ server 127.0.0.1:{self.ref9_port}; keepalive 32; keepalive_requests 1000000; }}
     upstream sidecar_tcp   {{ server 127.0.0.1:{self.sc_port}; keepalive 32; keepalive_requests 1000000; }}
     upstream sidecar_unix  {{ server unix:{self.sc_sock}; keepalive 32; keepalive_requests 1000000; }}
     upstream fake_as       {{ server 127.0.0.1:{self.as_port}; keepalive 32; keepalive_requests 1000000; }}
 
 {server(self.ng_ports["ref"], protected + authz_location("reference_nio"))}
+{server(self.ng_ports["ref_answer"], protected + authz_location("reference_answer"))}
 {server(self.ng_ports["tcp"], protected + authz_location("sidecar_tcp"))}
 {server(self.ng_ports["unix"], protected + authz_location("sidecar_unix"))}
 {server(self.ng_ports["ret200"], protected + ret200)}
@@ -766,6 +768,8 @@ http {{
         ng_ref = Scenario("ng_ref", "nginx → auth_request → reference NIO", ngurl("ref"), client,
                           lambda: ng() + [self.ref_proc.pid])
         ng_subjects = [
+            Scenario("ng_ref_answer", "nginx → auth_request → reference NIO answering the sidecar's 9 headers",
+                     ngurl("ref_answer"), client, lambda: ng() + [self.ref9_proc.pid]),
             Scenario("ng_tcp", "nginx → auth_request → sidecar (TCP)", ngurl("tcp"), client,
                      lambda: ng() + [self.sc_proc.pid], negative_headers=nt),
             Scenario("ng_unix", "nginx → auth_request → sidecar (unix socket)", ngurl("unix"), client,
@@ -982,6 +986,16 @@ end
             oks.append(None if r is None else r >= 0.95)
         ok = None if None in oks else all(oks)
         self.targets.append(f"- through nginx ≥ 0.95× nginx→reference NIO (TCP and unix) — req/s {', '.join(parts)} — **{met(ok)}**")
+        # Context, not a target: what the answer's nine headers cost a server that decides nothing.
+        ctx = []
+        for key, what, label in (("ref_answer", "cpu", "direct CPU"), ("ng_ref_answer", "rps", "through nginx req/s")):
+            s = by_key.get(key)
+            r = self.median_ratio(s, what) if s else None
+            if r is not None:
+                ctx.append(f"{label} {r:.2f}×")
+        if ctx:
+            self.targets.append(f"- (context) the reference NIO server answering the sidecar's 9 allow headers instead of 2, "
+                                f"no decision: {', '.join(ctx)} the reference")
         cold = by_key.get("cold")
         if cold and cold.runs and cold.reference and cold.reference.runs:
             ref_p50 = statistics.median(r.p50_ms for r in cold.reference.runs)
@@ -1058,7 +1072,7 @@ end
         out = [f"## authz-sidecar benchmark ({self.mode})", ""] + self.machine_info() + [""]
         out += ["| scenario | req/s | × ref | p50 ms | p99 ms | CPU µs/req | × ref | reference |",
                 "|---|---:|---:|---:|---:|---:|---:|---|"]
-        order = ["ref", "ref_answer", "hit_nginx", "hit_xfcc", "ng_ref", "ng_tcp", "ng_unix", "ng_ret200", "ng_introspect",
+        order = ["ref", "ref_answer", "hit_nginx", "hit_xfcc", "ng_ref", "ng_ref_answer", "ng_tcp", "ng_unix", "ng_ret200", "ng_introspect",
                  "ng_decision", "ng_noauth", "cold_ref", "cold"]
         for key in order:
             if key in by_key:
