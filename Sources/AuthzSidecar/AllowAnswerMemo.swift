@@ -5,8 +5,8 @@ import NIOConcurrencyHelpers
 /// allow are a pure function of the token's introspection and the policy, so a cached token's
 /// headers are rendered once rather than on every request. This remembers a rendering, not a
 /// decision: expiry, binding and scopes are still checked on every request, and only an allow
-/// is looked up here. An entry is used only for the very same introspection (a token that was
-/// introspected again renders afresh) and the same proxy cache lifetime. Bounded.
+/// is looked up here. An entry is used only for the very same introspection answer (a token that
+/// was introspected again renders afresh, once) and the same proxy cache lifetime. Bounded.
 final class AllowAnswerMemo: Sendable {
     private struct Key: Hashable {
         let digest: TokenDigest
@@ -37,7 +37,9 @@ final class AllowAnswerMemo: Sendable {
         guard let token = grant.token else { return render() }
         let key = Key(digest: digest, policy: ObjectIdentifier(policy), front: front)
         let shard = shards[Int(digest.w0 % UInt64(shards.count))]
-        if let entry = shard.entries.withLockedValue({ $0[key] }), entry.cacheSeconds == grant.cacheSeconds, entry.token == token {
+        if let entry = shard.entries.withLockedValue({ $0[key] }), entry.cacheSeconds == grant.cacheSeconds,
+            entry.token.isSameStorage(as: token)
+        {
             return entry.answer
         }
         let answer = render()

@@ -186,8 +186,8 @@ final class DecisionHandler: ChannelInboundHandler, RemovableChannelHandler {
             }
             return
         }
-        if let admin = routes.admin,
-            let reply = admin.respond(method: HTTPTypes.HTTPRequest.Method(request.method.rawValue) ?? .get, path: target, body: body)
+        if let admin = routes.admin, let method = HTTPTypes.HTTPRequest.Method(request.method.rawValue),
+            let reply = admin.respond(method: method, path: target, body: body)
         {
             var headers = HTTPHeaders(reply.headers.map { ($0.name.rawName, $0.value) })
             headers.add(name: "Content-Length", value: String(reply.body.readableBytes))

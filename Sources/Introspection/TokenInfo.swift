@@ -64,6 +64,12 @@ public struct TokenInfo: Sendable, Equatable {
         lhs.box === rhs.box || lhs.box.members == rhs.box.members
     }
 
+    /// Whether `other` is this very value: the same introspection answer, not one with equal
+    /// members that was built or parsed again. Constant time.
+    public func isSameStorage(as other: TokenInfo) -> Bool {
+        box === other.box
+    }
+
     public init(
         active: Bool,
         scope: String? = nil,

@@ -85,6 +85,33 @@ struct AllowAnswerMemoTests {
         #expect(Self.value(authorizer.answerWithoutSuspending(Self.request("/api/x")), "Cache-Control") == "no-store")
     }
 
+    @Test("only the very same introspection answer and proxy-cache lifetime reuse a rendering")
+    func identity() {
+        let memo = AllowAnswerMemo()
+        let policy = PolicyEvaluation(policy: PolicyConfiguration(name: "p"))
+        let digest = TokenDigest(token: "t")
+        var renders = 0
+        func answer(_ grant: Grant, front: AccessRequest.Front = .nginx) {
+            _ = memo.answer(for: grant, digest: digest, policy: policy, front: front) {
+                renders += 1
+                return AuthzAnswer(outcome: .decision(.allow(grant)), policy: policy.policy, front: front)
+            }
+        }
+        let token = TokenInfo(active: true, sub: "s")
+        answer(Grant(token: token))
+        answer(Grant(token: token))
+        #expect(renders == 1)
+        answer(Grant(token: TokenInfo(active: true, sub: "s")))  // equal, but introspected again
+        #expect(renders == 2)
+        answer(Grant(token: token, cacheSeconds: 5))
+        #expect(renders == 3)
+        answer(Grant(token: token), front: .envoyHTTP)
+        #expect(renders == 4)
+        answer(Grant(token: nil))  // anonymous: never remembered
+        answer(Grant(token: nil))
+        #expect(renders == 6)
+    }
+
     @Test("bounded")
     func bounded() {
         let memo = AllowAnswerMemo(capacity: 8, shardCount: 1)

@@ -141,6 +141,10 @@ struct TokenInfoTests {
         copy.aud = ["x"]
         #expect(copy == original)
         #expect(TokenInfo(active: true, scope: "a b", sub: "s", aud: ["x"], extra: ["tenant": .string("t")]) == original)
+        // Equal is not the same storage: a copy shares it until it is changed.
+        let shared = original
+        #expect(shared.isSameStorage(as: original))
+        #expect(!copy.isSameStorage(as: original))
     }
 
     @Test("grants(scope:) agrees with the split scopes: whole names only")
