@@ -146,7 +146,7 @@ struct OperationsTests {
     }
 }
 
-@Suite("DecisionQueue: misses decided on the asking event loop, drained on shutdown")
+@Suite("DecisionQueue: misses answered on the asking event loop, drained on shutdown")
 struct DecisionQueueTests {
     @Test("answers on the promise's loop; shutdown waits for decisions in flight, then refuses new ones with 503")
     func drainsThenRefuses() async throws {
