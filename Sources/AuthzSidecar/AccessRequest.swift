@@ -133,8 +133,5 @@ extension HTTPField.Name {
     static let originalMethod = HTTPField.Name("X-Original-Method")!
     static let originalURI = HTTPField.Name("X-Original-URI")!
     static let originalHost = HTTPField.Name("X-Original-Host")!
-    static let authzBody = HTTPField.Name("X-Authz-Body")!
-    static let envoyHeadersToRemove = HTTPField.Name("x-envoy-auth-headers-to-remove")!
-    static let anonymous = HTTPField.Name("X-Anonymous")!
     static let host = HTTPField.Name("Host")!
 }
