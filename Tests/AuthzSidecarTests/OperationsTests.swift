@@ -146,7 +146,7 @@ struct OperationsTests {
     }
 }
 
-@Suite("DecisionQueue: misses answered on the asking event loop, drained on shutdown")
+@Suite("DecisionQueue: misses decided on the asking event loop, drained on shutdown")
 struct DecisionQueueTests {
     @Test("answers on the promise's loop; shutdown waits for decisions in flight, then refuses new ones with 503")
     func drainsThenRefuses() async throws {
@@ -173,26 +173,36 @@ struct DecisionQueueTests {
                 try await group.run()
                 returned.increment()
             }
-            let first = loop.makePromise(of: AuthzAnswer.self)
-            let onLoop = CallCounter()
-            first.futureResult.whenSuccess { _ in if loop.inEventLoop { onLoop.increment() } }
-            queue.submit(OperationsTests.request("/api/x", token: "one"), to: authorizer, promise: first)
-            while entered.count == 0 { try await Task.sleep(for: .milliseconds(5)) }
+            do {
+                let first = loop.makePromise(of: AuthzAnswer.self)
+                let onLoop = CallCounter()
+                first.futureResult.whenSuccess { _ in if loop.inEventLoop { onLoop.increment() } }
+                queue.submit(OperationsTests.request("/api/x", token: "one"), to: authorizer, promise: first)
+                while entered.count == 0 { try await Task.sleep(for: .milliseconds(5)) }
 
-            await group.triggerGracefulShutdown()
-            try await Task.sleep(for: .milliseconds(200))
-            #expect(returned.count == 0, "the queue must wait for the decision in flight")
+                await group.triggerGracefulShutdown()
+                // The service group delivers the shutdown asynchronously: wait (bounded) until the
+                // queue has stopped taking decisions, then check it still waits for the one in flight.
+                for _ in 0..<1000 where !queue.isClosed { try await Task.sleep(for: .milliseconds(10)) }
+                try #require(queue.isClosed, "graceful shutdown must close the queue")
+                try await Task.sleep(for: .milliseconds(100))
+                #expect(returned.count == 0, "the queue must wait for the decision in flight")
 
-            let late = loop.makePromise(of: AuthzAnswer.self)
-            queue.submit(OperationsTests.request("/api/x", token: "two"), to: authorizer, promise: late)
-            #expect(try await late.futureResult.get().status == 503)
-
-            await gate.open()
-            #expect(try await first.futureResult.get().status == 200)
-            try await tasks.waitForAll()
-            #expect(returned.count == 1)
-            #expect(onLoop.count == 1)
-            #expect(entered.count == 1)
+                let late = loop.makePromise(of: AuthzAnswer.self)
+                queue.submit(OperationsTests.request("/api/x", token: "two"), to: authorizer, promise: late)
+                #expect(try await late.futureResult.get().status == 503)
+                await gate.open()
+                #expect(try await first.futureResult.get().status == 200)
+                try await tasks.waitForAll()
+                #expect(returned.count == 1)
+                #expect(onLoop.count == 1)
+                #expect(entered.count == 1)
+            } catch {
+                // Never leave the queue waiting on the gate: the task group would wait forever.
+                await gate.open()
+                await group.triggerGracefulShutdown()
+                throw error
+            }
         }
     }
 }
