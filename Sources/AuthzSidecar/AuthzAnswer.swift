@@ -1,5 +1,6 @@
 import HTTPTypes
 import Introspection
+import NIOCore
 import NIOHTTP1
 
 /// The HTTP answer to a proxy, independent of the server framework (DESIGN.md §6).
@@ -7,8 +8,11 @@ public struct AuthzAnswer: Sendable {
     public var status: Int
     /// In the order they are sent; names as they are sent. For the HTTP front ends (nginx,
     /// Envoy's HTTP service) they include `Content-Length`, so an answer is sent as it is.
-    public var headers: HTTPHeaders
-    public var body: String
+    public private(set) var headers: HTTPHeaders
+    /// `headers` as HTTP/1 header lines, rendered once with the answer (empty for gRPC): a
+    /// remembered allow answer is written without rendering its headers again.
+    public let headerLines: ByteBuffer
+    public private(set) var body: String
     /// Claim headers dropped because their value held a control character.
     public var droppedHeaders: [String]
 
@@ -50,6 +54,9 @@ public struct AuthzAnswer: Sendable {
         }
         if front != .envoyGRPC {
             headers.add(name: "Content-Length", value: String(body.utf8.count))
+            headerLines = HTTP1Response.headerLines(headers)
+        } else {
+            headerLines = ByteBuffer()
         }
     }
 

@@ -53,7 +53,7 @@ public struct DecisionServer: Service {
             }
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes)))
                     try channel.pipeline.syncOperations.addHandler(DecisionHandler(routes: routes, queue: queue, idleTimeout: idleTimeout))
                 }
             }
@@ -86,20 +86,41 @@ public struct DecisionServer: Service {
 }
 
 /// One connection's requests: routes each to the decision, the admin endpoints or 404. It reads
-/// SwiftNIO's HTTP/1 parts as they are (no conversion to HTTP types: a cache hit is a few
-/// microseconds, and converting every header both ways cost about a third of that).
-final class DecisionHandler: ChannelInboundHandler, RemovableChannelHandler {
+/// SwiftNIO's HTTP/1 request parts as they are and writes each answer as finished bytes
+/// (`HTTP1Response`): a cache hit is a few microseconds, and the generic HTTP handlers around it
+/// (response encoder, header validator, pipelining and error handlers) cost more than that.
+/// What those handlers did for us is done here:
+/// - pipelined requests are answered in order: while one waits for the AS, the ones behind it
+///   wait in `queued` and no more is read from the socket;
+/// - a request the parser rejects gets a 400 and the connection is closed;
+/// - on graceful shutdown an idle connection is closed at once, a busy one after its answer;
+/// - `Connection: close` and HTTP/1.0 keep-alive are honoured; a HEAD answer has no body.
+final class DecisionHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
-    typealias OutboundOut = HTTPServerResponsePart
+    typealias OutboundIn = Never
+    typealias OutboundOut = ByteBuffer
 
     /// Admin request bodies (purge) are small; larger ones are cut off and refused.
     static let maxBodyBytes = 16 * 1024
+    /// Pipelined requests held while an earlier one waits for the AS. Proxies do not pipeline;
+    /// a client that sends more than this is cut off.
+    static let maxQueued = 64
 
     private let routes: DecisionServer.Routes
     private let queue: DecisionQueue
     private let idleTimeout: TimeAmount
     private var head: HTTPRequestHead?
     private var body: ByteBuffer?
+    /// A request's answer is awaited from the `DecisionQueue`.
+    private var answering = false
+    /// Complete requests that arrived behind the one being answered.
+    private var queued = CircularBuffer<(head: HTTPRequestHead, body: ByteBuffer?)>(initialCapacity: 2)
+    /// A `read` held back while answering, passed on once the answer is written.
+    private var readHeld = false
+    /// The next answer is the last: graceful shutdown, or a parse error behind it.
+    private var closeAfterAnswer = false
+    /// Nothing more is answered on this connection.
+    private var closing = false
     /// Since when the connection has waited for a complete request head (nil while a request is
     /// being read or answered). Unless one arrives within the idle timeout, counted from the
     /// connection's start or the previous answer, the connection is closed: that ends idle
@@ -127,6 +148,8 @@ final class DecisionHandler: ChannelInboundHandler, RemovableChannelHandler {
         idleTimer?.cancel()
         idleTimer = nil
         waitingSince = nil
+        closing = true
+        queued.removeAll()
         context.fireChannelInactive()
     }
 
@@ -151,6 +174,7 @@ final class DecisionHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !closing else { return }
         switch unwrapInboundIn(data) {
         case .head(let request):
             waitingSince = nil
@@ -163,11 +187,59 @@ final class DecisionHandler: ChannelInboundHandler, RemovableChannelHandler {
         case .end:
             guard let request = head else { return }
             head = nil
-            respond(to: request, context: context)
+            let requestBody = body
+            body = nil
+            if answering {
+                guard queued.count < Self.maxQueued else {
+                    closing = true
+                    context.close(promise: nil)
+                    return
+                }
+                queued.append((request, requestBody))
+            } else {
+                serve(request, body: requestBody, context: context)
+            }
         }
     }
 
-    private func respond(to request: HTTPRequestHead, context: ChannelHandlerContext) {
+    func read(context: ChannelHandlerContext) {
+        if answering {
+            readHeld = true
+        } else {
+            context.read()
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard event is ChannelShouldQuiesceEvent else {
+            context.fireUserInboundEventTriggered(event)
+            return
+        }
+        if answering || head != nil {
+            closeAfterAnswer = true
+        } else {
+            closing = true
+            context.close(promise: nil)
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        guard error is HTTPParserError, !closing else {
+            context.close(promise: nil)
+            return
+        }
+        if answering {
+            // Garbage behind a request in progress: answer that one, then close.
+            closeAfterAnswer = true
+            return
+        }
+        // Like SwiftNIO's HTTPServerProtocolErrorHandler: a request that cannot be parsed gets a
+        // 400, and the connection is closed.
+        let request = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/", headers: ["Connection": "close"])
+        write(status: 400, headerLines: HTTP1Response.headerLines(["Content-Length": "0"]), body: nil, to: request, context: context)
+    }
+
+    private func serve(_ request: HTTPRequestHead, body: ByteBuffer?, context: ChannelHandlerContext) {
         let target = request.uri
         if let authorizer = routes.decisions?.current,
             let access = AccessRequest(
@@ -179,10 +251,13 @@ final class DecisionHandler: ChannelInboundHandler, RemovableChannelHandler {
                 write(answer, to: request, context: context)
                 return
             }
+            answering = true
             let promise = context.eventLoop.makePromise(of: AuthzAnswer.self)
             queue.submit(access, to: authorizer, promise: promise)
             promise.futureResult.assumeIsolated().whenSuccess { answer in
+                self.answering = false
                 self.write(answer, to: request, context: context)
+                self.serveQueued(context: context)
             }
             return
         }
@@ -191,31 +266,52 @@ final class DecisionHandler: ChannelInboundHandler, RemovableChannelHandler {
         {
             var headers = HTTPHeaders(reply.headers.map { ($0.name.rawName, $0.value) })
             headers.add(name: "Content-Length", value: String(reply.body.readableBytes))
-            write(status: HTTPResponseStatus(statusCode: reply.status.code), headers: headers, body: reply.body, to: request, context: context)
+            write(status: reply.status.code, headerLines: HTTP1Response.headerLines(headers), body: reply.body, to: request, context: context)
             return
         }
-        write(status: .notFound, headers: ["Content-Length": "0"], body: nil, to: request, context: context)
+        write(status: 404, headerLines: HTTP1Response.headerLines(["Content-Length": "0"]), body: nil, to: request, context: context)
+    }
+
+    /// Answers the requests that waited behind an answer from the queue, until one must wait too.
+    private func serveQueued(context: ChannelHandlerContext) {
+        while !answering, !closing, let next = queued.popFirst() {
+            serve(next.head, body: next.body, context: context)
+        }
+        if !answering, readHeld {
+            readHeld = false
+            context.read()
+        }
     }
 
     private func write(_ answer: AuthzAnswer, to request: HTTPRequestHead, context: ChannelHandlerContext) {
-        let body = answer.body.isEmpty ? nil : context.channel.allocator.buffer(string: answer.body)
-        write(status: HTTPResponseStatus(statusCode: answer.status), headers: answer.headers, body: body, to: request, context: context)
+        var body: ByteBuffer?
+        if !answer.body.isEmpty { body = context.channel.allocator.buffer(string: answer.body) }
+        write(status: answer.status, headerLines: answer.headerLines, body: body, to: request, context: context)
     }
 
-    /// Writes an answer whose headers already hold its `Content-Length`.
-    private func write(status: HTTPResponseStatus, headers: HTTPHeaders, body: ByteBuffer?, to request: HTTPRequestHead, context: ChannelHandlerContext) {
-        var headers = headers
-        let keepAlive = request.isKeepAlive
-        if !keepAlive { headers.add(name: "Connection", value: "close") }
-        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: request.version, status: status, headers: headers))), promise: nil)
-        if let body, body.readableBytes > 0 {
-            context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+    /// Writes an answer whose header lines already hold its `Content-Length`.
+    private func write(status: Int, headerLines: ByteBuffer, body: ByteBuffer?, to request: HTTPRequestHead, context: ChannelHandlerContext) {
+        guard !closing else { return }
+        let keepAlive = request.isKeepAlive && !closeAfterAnswer
+        let sendsBody = request.method != .HEAD
+        let bodyBytes = sendsBody ? body?.readableBytes ?? 0 : 0
+        var buffer = context.channel.allocator.buffer(capacity: 48 + headerLines.readableBytes + bodyBytes)
+        HTTP1Response.writeStatusLine(version: request.version, status: status, to: &buffer)
+        buffer.writeImmutableBuffer(headerLines)
+        if !keepAlive {
+            buffer.writeStaticString("Connection: close\r\n")
+        } else if request.version.major == 1, request.version.minor == 0 {
+            buffer.writeStaticString("Connection: keep-alive\r\n")
         }
+        buffer.writeStaticString("\r\n")
+        if sendsBody, let body { buffer.writeImmutableBuffer(body) }
         if keepAlive {
-            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+            context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
             startWaiting(context: context)
         } else {
-            context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
+            closing = true
+            queued.removeAll()
+            context.writeAndFlush(wrapOutboundOut(buffer)).assumeIsolated().whenComplete { _ in
                 context.close(promise: nil)
             }
         }

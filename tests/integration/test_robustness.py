@@ -270,3 +270,154 @@ def test_ten_thousand_keepalive_connections(tmp_path, fake_as, token):
     finally:
         sc.stop()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def read_response(sock: socket.socket, timeout: float = 5.0) -> tuple[bytes, dict, bytes]:
+    """One response: its status line, headers (lower-case names) and Content-Length body."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response head: {data!r}"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower().decode()] = value.strip().decode()
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside a body"
+        rest += chunk
+    assert len(rest) == length, f"bytes after the body: {rest[length:]!r}"
+    return lines[0], headers, rest
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_head_answer_has_its_length_but_no_body(tmp_path, fake_as, token):
+    sc = Sidecar(tmp_path, config(fake_as))
+    try:
+        with socket.create_connection(("127.0.0.1", sc.port)) as s:
+            s.sendall(authz(None).replace(b"GET ", b"HEAD ", 1))
+            s.settimeout(5)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += s.recv(65536)
+            head, _, rest = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 401 "), head
+            assert int(next(l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:"))) > 0
+            assert rest == b""
+            # the next answer on the connection starts right there: no body bytes were sent
+            s.sendall(authz(token))
+            status, headers, _ = read_response(s)
+            assert status.startswith(b"HTTP/1.1 200 "), status
+            assert headers["x-credential-scope"] == "system-access"
+    finally:
+        sc.stop()
+
+
+def test_http10_close_and_keep_alive(tmp_path, fake_as, token):
+    sc = Sidecar(tmp_path, config(fake_as))
+    try:
+        request = authz(token).replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+        with socket.create_connection(("127.0.0.1", sc.port)) as s:
+            s.sendall(request)
+            status, headers, _ = read_response(s)
+            assert status.startswith(b"HTTP/1.0 200 "), status
+            assert headers["connection"] == "close"
+            assert closed_by_peer(s)
+        with socket.create_connection(("127.0.0.1", sc.port)) as s:
+            keep = request.replace(b"Host: x\r\n", b"Host: x\r\nConnection: keep-alive\r\n")
+            for _ in range(2):
+                s.sendall(keep)
+                status, headers, _ = read_response(s)
+                assert status.startswith(b"HTTP/1.0 200 "), status
+                assert headers["connection"] == "keep-alive"
+        # HTTP/1.1 with Connection: close
+        with socket.create_connection(("127.0.0.1", sc.port)) as s:
+            s.sendall(authz(token).replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n"))
+            status, headers, _ = read_response(s)
+            assert status.startswith(b"HTTP/1.1 200 ") and headers["connection"] == "close"
+            assert closed_by_peer(s)
+    finally:
+        sc.stop()
+
+
+def test_garbage_behind_a_request_gets_400_then_close(tmp_path, fake_as, token):
+    sc = Sidecar(tmp_path, config(fake_as))
+    try:
+        with socket.create_connection(("127.0.0.1", sc.port)) as s:
+            s.sendall(authz(None) + b"\x00\x01 NOT HTTP\r\n\r\n")  # answered at once, then the 400
+            assert read_responses(s, 2) == [401, 400]
+            assert closed_by_peer(s)
+        # behind a decision that waits for the AS: that one is answered, then the connection closes
+        fake_as.mode, fake_as.delay = "slow", 0.3
+        with socket.create_connection(("127.0.0.1", sc.port)) as s:
+            s.sendall(authz(f"{token}-new") + b"\x00\x01 NOT HTTP\r\n\r\n")
+            status, headers, _ = read_response(s)
+            assert status.startswith(b"HTTP/1.1 401 "), status  # unknown token: inactive
+            assert headers["connection"] == "close"
+            assert closed_by_peer(s)
+        assert http_request(sc.base, "/healthz").status == 200
+    finally:
+        fake_as.mode = "ok"
+        sc.stop()
+
+
+def test_pipelining_behind_a_slow_decision_is_bounded(tmp_path, fake_as, token):
+    sc = Sidecar(tmp_path, config(fake_as))
+    fake_as.mode, fake_as.delay = "slow", 0.5
+    try:
+        with socket.create_connection(("127.0.0.1", sc.port)) as s:
+            # a few behind a miss wait their turn and are answered in order
+            s.sendall(authz(f"{token}-miss") + authz(None) + authz(None, "/admin-api/x"))
+            assert read_responses(s, 3) == [401, 401, 401]
+        with socket.create_connection(("127.0.0.1", sc.port)) as s:
+            # hundreds behind a miss: the connection is cut off, the sidecar carries on
+            s.sendall(authz(f"{token}-miss2") + authz(None) * 300)
+            try:
+                answered = read_responses(s, 301)
+            except ConnectionResetError:  # closed with requests unread: the kernel resets
+                answered = []
+            assert len(answered) < 301
+        fake_as.mode = "ok"
+        with socket.create_connection(("127.0.0.1", sc.port)) as s:
+            s.sendall(authz(token))
+            assert read_responses(s, 1) == [200]
+    finally:
+        fake_as.mode = "ok"
+        sc.stop()
+
+
+def test_graceful_shutdown_closes_idle_connections_and_finishes_busy_ones(tmp_path, fake_as, token):
+    import signal
+    sc = Sidecar(tmp_path, config(fake_as))
+    try:
+        idle = socket.create_connection(("127.0.0.1", sc.port))
+        idle.sendall(authz(None))
+        assert read_responses(idle, 1) == [401]
+        fake_as.mode, fake_as.delay = "slow", 0.6
+        busy = socket.create_connection(("127.0.0.1", sc.port))
+        busy.sendall(authz(token))  # a miss: waits ~0.6 s for the AS (timeout_ms is 1000)
+        time.sleep(0.3)
+        sc.proc.send_signal(signal.SIGTERM)
+        assert closed_by_peer(idle, timeout=3)
+        status, headers, _ = read_response(busy)
+        assert status.startswith(b"HTTP/1.1 200 "), status
+        assert headers["connection"] == "close"
+        assert closed_by_peer(busy)
+        assert sc.proc.wait(timeout=10) == 0
+        idle.close()
+        busy.close()
+    finally:
+        fake_as.mode = "ok"
+        sc.stop()
