@@ -10,7 +10,8 @@ import Synchronization
 /// body, and every failure mapped to an `IntrospectionError`.
 public final class HTTPTokenIntrospector: TokenIntrospector {
     private let client: HTTPClient
-    private let endpoint: String
+    /// The request's fixed part (URL parsed once, method, headers); each call adds its body.
+    private let template: HTTPClient.Request?
     private let authorization: String?
     private let formCredentials: String
     private let deadline: TimeAmount
@@ -23,7 +24,6 @@ public final class HTTPTokenIntrospector: TokenIntrospector {
     ///   - client: the shared client (see `makeHTTPClient(for:)`); its owner shuts it down.
     public init(configuration: IntrospectionConfiguration, client: HTTPClient, logger: Logger = Logger(label: "authz.introspection")) {
         self.client = client
-        self.endpoint = configuration.endpoint
         self.deadline = .milliseconds(Int64(configuration.timeoutMilliseconds))
         self.maxResponseBytes = configuration.maxResponseBytes
         self.maxPending = max(1, configuration.maxConnections) * 16
@@ -44,6 +44,10 @@ public final class HTTPTokenIntrospector: TokenIntrospector {
             self.authorization = nil
             self.formCredentials = id.isEmpty ? "" : "&" + FormEncoding.encode([("client_id", id)])
         }
+        var headers: HTTPHeaders = ["Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"]
+        if let authorization { headers.add(name: "Authorization", value: authorization) }
+        // nil for an endpoint AsyncHTTPClient cannot parse: every call is then a transport fault.
+        self.template = try? HTTPClient.Request(url: configuration.endpoint, method: .POST, headers: headers)
     }
 
     /// An HTTP client for the AS: verified TLS (with `ca_file` roots), the client certificate
@@ -82,30 +86,23 @@ public final class HTTPTokenIntrospector: TokenIntrospector {
         }
         defer { pending.subtract(1, ordering: .relaxed) }
 
-        var request = HTTPClientRequest(url: endpoint)
-        request.method = .POST
-        request.headers.add(name: "Content-Type", value: "application/x-www-form-urlencoded")
-        request.headers.add(name: "Accept", value: "application/json")
-        if let authorization {
-            request.headers.add(name: "Authorization", value: authorization)
-        }
+        guard var request = template else { throw .transport("the endpoint is not a URL AsyncHTTPClient accepts") }
         let form = "token=" + FormEncoding.encode(token) + "&token_type_hint=access_token" + formCredentials
-        request.body = .bytes(ByteBuffer(string: form))
+        request.body = .byteBuffer(ByteBuffer(string: form))
 
         do {
-            let response = try await client.execute(request, deadline: .now() + deadline, logger: logger)
+            // AsyncHTTPClient's future-based API: its async API starts an extra task per request
+            // (to register the request for cancellation), which wakes a thread of the Swift
+            // concurrency pool on every miss. Called from a decision running on an event loop,
+            // the request is made on that same loop.
+            let collector = IntrospectionResponse(maxBytes: maxResponseBytes)
+            let response = try await client.execute(
+                request: request, delegate: collector, deadline: .now() + deadline, logger: logger
+            ).futureResult.get()
             guard response.status == .ok else {
-                // Drain (bounded) so the connection can be reused; ignore what it says.
-                _ = try? await response.body.collect(upTo: maxResponseBytes)
                 throw IntrospectionError.status(Int(response.status.code))
             }
-            let body: ByteBuffer
-            do {
-                body = try await response.body.collect(upTo: maxResponseBytes)
-            } catch is NIOTooManyBytesError {
-                throw IntrospectionError.tooLarge(maxResponseBytes)
-            }
-            return try body.withUnsafeReadableBytes { raw throws(IntrospectionError) in
+            return try response.body.withUnsafeReadableBytes { raw throws(IntrospectionError) in
                 try TokenInfo(jsonBody: raw)
             }
         } catch let error as IntrospectionError {
@@ -142,6 +139,41 @@ public final class HTTPTokenIntrospector: TokenIntrospector {
             return .transport("cancelled")
         }
         return .transport(String(describing: type(of: error)))
+    }
+}
+
+/// Collects an introspection answer: its status, and its body up to a bound. The body of any
+/// other status than 200 is read (so the connection can be reused) and dropped.
+///
+/// AsyncHTTPClient calls a delegate on the request's event loop, one call at a time.
+private final class IntrospectionResponse: HTTPClientResponseDelegate, @unchecked Sendable {
+    typealias Response = (status: HTTPResponseStatus, body: ByteBuffer)
+
+    private let maxBytes: Int
+    private var status: HTTPResponseStatus = .ok
+    private var body = ByteBuffer()
+
+    init(maxBytes: Int) {
+        self.maxBytes = maxBytes
+    }
+
+    func didReceiveHead(task: HTTPClient.Task<Response>, _ head: HTTPResponseHead) -> EventLoopFuture<Void> {
+        status = head.status
+        return task.eventLoop.makeSucceededVoidFuture()
+    }
+
+    func didReceiveBodyPart(task: HTTPClient.Task<Response>, _ buffer: ByteBuffer) -> EventLoopFuture<Void> {
+        guard status == .ok else { return task.eventLoop.makeSucceededVoidFuture() }
+        guard body.readableBytes + buffer.readableBytes <= maxBytes else {
+            return task.eventLoop.makeFailedFuture(IntrospectionError.tooLarge(maxBytes))
+        }
+        var buffer = buffer
+        body.writeBuffer(&buffer)
+        return task.eventLoop.makeSucceededVoidFuture()
+    }
+
+    func didFinishRequest(task: HTTPClient.Task<Response>) throws -> Response {
+        (status, body)
     }
 }
 
