@@ -419,6 +419,13 @@ policies:
                                                           str(self.ref9_port), "--sidecar-answer"],
                                      self.work / "logs" / "reference-answer.log")
         stack.wait_port("127.0.0.1", self.ref9_port, timeout=20, proc=self.ref9_proc)
+        # ...and writing it as finished bytes, as the sidecar's listener does: the sidecar's HTTP
+        # layer without the decision.
+        self.ref9raw_port = stack.free_port()
+        self.ref9raw_proc = PROCS.start("reference-answer-raw", [self.bench_bin, "reference", "--host", "127.0.0.1", "--port",
+                                                                 str(self.ref9raw_port), "--sidecar-answer", "--raw"],
+                                        self.work / "logs" / "reference-answer-raw.log")
+        stack.wait_port("127.0.0.1", self.ref9raw_port, timeout=20, proc=self.ref9raw_proc)
         self.sc_port, self.sc_grpc_port = stack.free_port(), stack.free_port()
         self.sc_proc = self.start_sidecar("sidecar", f"127.0.0.1:{self.sc_port}", self.as_port,
                                           f"127.0.0.1:{self.sc_grpc_port}")
@@ -756,7 +763,9 @@ http {{
                             negative_headers=self.without_token(self.xfcc_headers()))
         ref9 = Scenario("ref_answer", "reference NIO answering the sidecar's 9 allow headers (no decision)",
                         f"http://127.0.0.1:{self.ref9_port}/authz", self.hit_headers(), lambda: [self.ref9_proc.pid])
-        direct = Group("direct", ref, [ref9, hit, hit_xfcc], self.rounds, self.duration)
+        ref9raw = Scenario("ref_answer_raw", "reference NIO writing those 9 headers as bytes, as the sidecar does (no decision)",
+                           f"http://127.0.0.1:{self.ref9raw_port}/authz", self.hit_headers(), lambda: [self.ref9raw_proc.pid])
+        direct = Group("direct", ref, [ref9, ref9raw, hit, hit_xfcc], self.rounds, self.duration)
 
         client = {"Authorization": f"Bearer {self.token}", "X-Client-Cert": self.cert_escaped}
         nt = self.without_token(client)
@@ -996,6 +1005,19 @@ end
         if ctx:
             self.targets.append(f"- (context) the reference NIO server answering the sidecar's 9 allow headers instead of 2, "
                                 f"no decision: {', '.join(ctx)} the reference")
+        # Context: the decision's own cost, against the same HTTP layer without it.
+        raw = by_key.get("ref_answer_raw")
+        if raw and raw.runs:
+            raw_cpu = statistics.median(r.cpu_us_per_req for r in raw.runs)
+            parts = []
+            for key, label in (("hit_nginx", "nginx-style"), ("hit_xfcc", "XFCC")):
+                s = by_key.get(key)
+                if s and s.runs:
+                    cpu = statistics.median(r.cpu_us_per_req for r in s.runs)
+                    parts.append(f"{label} {cpu:.1f} µs = {cpu / raw_cpu:.2f}× ({cpu - raw_cpu:+.1f} µs)")
+            if parts:
+                self.targets.append(f"- (context) the decision's own cost: sidecar hit CPU against the same HTTP layer writing the same "
+                                    f"answer without deciding ({raw_cpu:.1f} µs): {', '.join(parts)}")
         cold = by_key.get("cold")
         if cold and cold.runs and cold.reference and cold.reference.runs:
             ref_p50 = statistics.median(r.p50_ms for r in cold.reference.runs)
@@ -1072,7 +1094,7 @@ end
         out = [f"## authz-sidecar benchmark ({self.mode})", ""] + self.machine_info() + [""]
         out += ["| scenario | req/s | × ref | p50 ms | p99 ms | CPU µs/req | × ref | reference |",
                 "|---|---:|---:|---:|---:|---:|---:|---|"]
-        order = ["ref", "ref_answer", "hit_nginx", "hit_xfcc", "ng_ref", "ng_ref_answer", "ng_tcp", "ng_unix", "ng_ret200", "ng_introspect",
+        order = ["ref", "ref_answer", "ref_answer_raw", "hit_nginx", "hit_xfcc", "ng_ref", "ng_ref_answer", "ng_tcp", "ng_unix", "ng_ret200", "ng_introspect",
                  "ng_decision", "ng_noauth", "cold_ref", "cold"]
         for key in order:
             if key in by_key:

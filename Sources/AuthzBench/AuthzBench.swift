@@ -20,11 +20,14 @@ struct AuthzBench: AsyncParsableCommand {
 /// `reference`: the cost of HTTP itself — a minimal SwiftNIO HTTP/1.1 server answering 200 with
 /// two small headers.
 /// With `--sidecar-answer`, it answers the nine headers a sidecar allow carries instead: the cost
-/// of the bigger answer alone, without any decision.
+/// of the bigger answer alone, without any decision. With `--raw` as well, it writes that answer
+/// as finished bytes behind NIO's request parser, as the sidecar's listener does: the sidecar's
+/// own HTTP layer without the decision, so the two differ by the decision's cost alone.
 struct Reference: AsyncParsableCommand {
     @Option var host = "127.0.0.1"
     @Option var port = 9301
     @Flag(help: "Answer with the same headers as a sidecar allow (X-Credential-*, Cache-Control).") var sidecarAnswer = false
+    @Flag(help: "Write the answer as finished bytes (no NIO response encoder), as the sidecar does.") var raw = false
 
     func run() async throws {
         let headers =
@@ -36,8 +39,16 @@ struct Reference: AsyncParsableCommand {
                 ("X-Credential-Jti", "a1b2c3d4-e5f6-7890-abcd-ef0123456789"), ("Cache-Control", "no-store"),
             ]
             : [("X-Credential-Scope", "system-access"), ("X-Credential-Sub", "svc")]
-        let channel = try await HTTPBenchServer.bind(host: host, port: port) { _, _ in
-            (.ok, headers, "", .zero)
+        let channel: any Channel
+        if raw {
+            var response = ByteBuffer(string: "HTTP/1.1 200 OK\r\n")
+            for (name, value) in headers + [("Content-Length", "0")] { response.writeString("\(name): \(value)\r\n") }
+            response.writeString("\r\n")
+            channel = try await HTTPBenchServer.bindRaw(host: host, port: port, response: response)
+        } else {
+            channel = try await HTTPBenchServer.bind(host: host, port: port) { _, _ in
+                (.ok, headers, "", .zero)
+            }
         }
         print("reference listening on \(host):\(port)")
         try await channel.closeFuture.get()
@@ -134,6 +145,37 @@ enum HTTPBenchServer {
                 }
             }
             .bind(host: host, port: port).get()
+    }
+
+    /// NIO's request parser and one fixed response written as bytes per request (keep-alive).
+    static func bindRaw(host: String, port: Int, response: ByteBuffer) async throws -> any Channel {
+        try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes)))
+                    try channel.pipeline.syncOperations.addHandler(RawHandler(response: response))
+                }
+            }
+            .bind(host: host, port: port).get()
+    }
+
+    final class RawHandler: ChannelInboundHandler {
+        typealias InboundIn = HTTPServerRequestPart
+        typealias OutboundOut = ByteBuffer
+        let response: ByteBuffer
+
+        init(response: ByteBuffer) {
+            self.response = response
+        }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            if case .end = unwrapInboundIn(data) {
+                context.writeAndFlush(wrapOutboundOut(response), promise: nil)
+            }
+        }
     }
 
     final class Handler: ChannelInboundHandler {

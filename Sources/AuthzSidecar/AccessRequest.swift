@@ -112,7 +112,7 @@ extension HTTPHeaders {
     /// Every value of a header, in order (no copy of the headers).
     func values(_ name: HTTPField.Name) -> LazyMapSequence<LazyFilterSequence<HTTPHeaders>, String> {
         let wanted = name.canonicalName
-        return lazy.filter { ASCII.equals($0.name, lowercased: wanted) }.map(\.value)
+        return lazy.filter { ASCII.equals($0.name, lowercased: wanted) }.map { $0.value }
     }
 }
 

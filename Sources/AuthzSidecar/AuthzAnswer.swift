@@ -9,9 +9,9 @@ public struct AuthzAnswer: Sendable {
     /// In the order they are sent; names as they are sent. For the HTTP front ends (nginx,
     /// Envoy's HTTP service) they include `Content-Length`, so an answer is sent as it is.
     public private(set) var headers: HTTPHeaders
-    /// `headers` as HTTP/1 header lines, rendered once with the answer (empty for gRPC): a
-    /// remembered allow answer is written without rendering its headers again.
-    public let headerLines: ByteBuffer
+    /// The whole answer as HTTP/1.1 bytes, rendered once with it (nil for gRPC): a remembered
+    /// allow is written without rendering anything again.
+    let http1: HTTP1Response?
     public private(set) var body: String
     /// Claim headers dropped because their value held a control character.
     public var droppedHeaders: [String]
@@ -54,9 +54,9 @@ public struct AuthzAnswer: Sendable {
         }
         if front != .envoyGRPC {
             headers.add(name: "Content-Length", value: String(body.utf8.count))
-            headerLines = HTTP1Response.headerLines(headers)
+            http1 = HTTP1Response(status: status, headers: headers, body: body.isEmpty ? nil : ByteBuffer(string: body))
         } else {
-            headerLines = ByteBuffer()
+            http1 = nil
         }
     }
 

@@ -236,7 +236,7 @@ final class DecisionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         // Like SwiftNIO's HTTPServerProtocolErrorHandler: a request that cannot be parsed gets a
         // 400, and the connection is closed.
         let request = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/", headers: ["Connection": "close"])
-        write(status: 400, headerLines: HTTP1Response.headerLines(["Content-Length": "0"]), body: nil, to: request, context: context)
+        write(HTTP1Response(status: 400, headers: ["Content-Length": "0"]), to: request, context: context)
     }
 
     private func serve(_ request: HTTPRequestHead, body: ByteBuffer?, context: ChannelHandlerContext) {
@@ -266,10 +266,10 @@ final class DecisionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         {
             var headers = HTTPHeaders(reply.headers.map { ($0.name.rawName, $0.value) })
             headers.add(name: "Content-Length", value: String(reply.body.readableBytes))
-            write(status: reply.status.code, headerLines: HTTP1Response.headerLines(headers), body: reply.body, to: request, context: context)
+            write(HTTP1Response(status: reply.status.code, headers: headers, body: reply.body), to: request, context: context)
             return
         }
-        write(status: 404, headerLines: HTTP1Response.headerLines(["Content-Length": "0"]), body: nil, to: request, context: context)
+        write(HTTP1Response(status: 404, headers: ["Content-Length": "0"]), to: request, context: context)
     }
 
     /// Answers the requests that waited behind an answer from the queue, until one must wait too.
@@ -284,27 +284,15 @@ final class DecisionHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     private func write(_ answer: AuthzAnswer, to request: HTTPRequestHead, context: ChannelHandlerContext) {
-        var body: ByteBuffer?
-        if !answer.body.isEmpty { body = context.channel.allocator.buffer(string: answer.body) }
-        write(status: answer.status, headerLines: answer.headerLines, body: body, to: request, context: context)
+        // Answers for the HTTP front ends always carry their HTTP/1 bytes.
+        let response = answer.http1 ?? HTTP1Response(status: answer.status, headers: answer.headers, body: ByteBuffer(string: answer.body))
+        write(response, to: request, context: context)
     }
 
-    /// Writes an answer whose header lines already hold its `Content-Length`.
-    private func write(status: Int, headerLines: ByteBuffer, body: ByteBuffer?, to request: HTTPRequestHead, context: ChannelHandlerContext) {
+    private func write(_ response: HTTP1Response, to request: HTTPRequestHead, context: ChannelHandlerContext) {
         guard !closing else { return }
         let keepAlive = request.isKeepAlive && !closeAfterAnswer
-        let sendsBody = request.method != .HEAD
-        let bodyBytes = sendsBody ? body?.readableBytes ?? 0 : 0
-        var buffer = context.channel.allocator.buffer(capacity: 48 + headerLines.readableBytes + bodyBytes)
-        HTTP1Response.writeStatusLine(version: request.version, status: status, to: &buffer)
-        buffer.writeImmutableBuffer(headerLines)
-        if !keepAlive {
-            buffer.writeStaticString("Connection: close\r\n")
-        } else if request.version.major == 1, request.version.minor == 0 {
-            buffer.writeStaticString("Connection: keep-alive\r\n")
-        }
-        buffer.writeStaticString("\r\n")
-        if sendsBody, let body { buffer.writeImmutableBuffer(body) }
+        let buffer = response.bytes(version: request.version, keepAlive: keepAlive, isHEAD: request.method == .HEAD)
         if keepAlive {
             context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
             startWaiting(context: context)
