@@ -121,10 +121,10 @@ final class DecisionHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var closeAfterAnswer = false
     /// Nothing more is answered on this connection.
     private var closing = false
-    /// Since when the connection has waited for a complete request head (nil while a request is
-    /// being read or answered). Unless one arrives within the idle timeout, counted from the
+    /// Since when the connection has waited for a complete request, head and body (nil while a
+    /// request is being answered). Unless one arrives within the idle timeout, counted from the
     /// connection's start or the previous answer, the connection is closed: that ends idle
-    /// keep-alive connections and clients that trickle a request byte by byte alike.
+    /// keep-alive connections and clients that trickle a request or its body byte by byte alike.
     private var waitingSince: NIODeadline?
     /// One timer per connection, re-armed lazily from `waitingSince`, not per request.
     private var idleTimer: Scheduled<Void>?
@@ -177,7 +177,6 @@ final class DecisionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         guard !closing else { return }
         switch unwrapInboundIn(data) {
         case .head(let request):
-            waitingSince = nil
             head = request
             body = nil
         case .body(var chunk):
@@ -240,6 +239,7 @@ final class DecisionHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     private func serve(_ request: HTTPRequestHead, body: ByteBuffer?, context: ChannelHandlerContext) {
+        waitingSince = nil  // being answered; the answer starts the next wait
         let target = request.uri
         if let authorizer = routes.decisions?.current,
             let access = AccessRequest(

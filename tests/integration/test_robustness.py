@@ -429,3 +429,39 @@ def test_graceful_shutdown_closes_idle_connections_and_finishes_busy_ones(tmp_pa
     finally:
         fake_as.mode = "ok"
         sc.stop()
+
+
+def test_a_trickled_body_is_cut_off_at_the_idle_timeout(tmp_path, fake_as):
+    """The idle timeout covers the whole request: a client that sends a head and then dribbles
+    its body cannot hold a connection (or a graceful shutdown) open."""
+    sc = Sidecar(tmp_path, config(fake_as, idle_timeout_seconds=2))
+    try:
+        with socket.create_connection(("127.0.0.1", sc.port)) as s:
+            s.sendall(b"POST /authz HTTP/1.1\r\nHost: x\r\nX-Original-URI: /token-mtls/\r\nContent-Length: 1000\r\n\r\n")
+            started = time.monotonic()
+            closed_after = None
+            for _ in range(80):  # one byte every 0.1 s: the body would take 100 s
+                try:
+                    s.sendall(b"a")
+                    s.setblocking(False)
+                    try:
+                        if s.recv(1) == b"":
+                            closed_after = time.monotonic() - started
+                            break
+                    except BlockingIOError:
+                        pass
+                    finally:
+                        s.setblocking(True)
+                except (BrokenPipeError, ConnectionResetError):
+                    closed_after = time.monotonic() - started
+                    break
+                time.sleep(0.1)
+        assert closed_after is not None and closed_after < 5, f"closed after {closed_after}"
+        # a request behind a slow AS is not cut off by the idle timeout of a shorter wait
+        fake_as.mode, fake_as.delay = "slow", 0.5
+        with socket.create_connection(("127.0.0.1", sc.port)) as s:
+            s.sendall(authz(None) + authz("slow-unknown-token"))
+            assert read_responses(s, 2) == [401, 401]
+    finally:
+        fake_as.mode = "ok"
+        sc.stop()
