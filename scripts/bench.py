@@ -405,27 +405,23 @@ policies:
             stack.wait_port(host, int(port), timeout=20, proc=p)
         return p
 
+    def start_reference(self, name: str, *flags: str) -> tuple[subprocess.Popen, int]:
+        port = stack.free_port()
+        p = PROCS.start(name, [self.bench_bin, "reference", "--host", "127.0.0.1", "--port", str(port), *flags],
+                        self.work / "logs" / f"{name}.log")
+        stack.wait_port("127.0.0.1", port, timeout=20, proc=p)
+        return p, port
+
     def start_servers(self) -> None:
         log(f"work dir {self.work}; starting the fake AS ({COLD_AS_LATENCY_MS} ms), the NIO reference and two sidecars")
         self.as_proc, self.as_port = self.start_fake_as("fake-as", COLD_AS_LATENCY_MS)
-        self.ref_port = stack.free_port()
-        self.ref_proc = PROCS.start("reference", [self.bench_bin, "reference", "--host", "127.0.0.1", "--port",
-                                                  str(self.ref_port)], self.work / "logs" / "reference.log")
-        stack.wait_port("127.0.0.1", self.ref_port, timeout=20, proc=self.ref_proc)
+        self.ref_proc, self.ref_port = self.start_reference("reference")
         # The same server answering a sidecar allow's nine headers: the cost of the bigger answer
-        # alone, to tell it from the cost of the decision.
-        self.ref9_port = stack.free_port()
-        self.ref9_proc = PROCS.start("reference-answer", [self.bench_bin, "reference", "--host", "127.0.0.1", "--port",
-                                                          str(self.ref9_port), "--sidecar-answer"],
-                                     self.work / "logs" / "reference-answer.log")
-        stack.wait_port("127.0.0.1", self.ref9_port, timeout=20, proc=self.ref9_proc)
+        # alone, to tell it from the cost of the decision...
+        self.ref9_proc, self.ref9_port = self.start_reference("reference-answer", "--sidecar-answer")
         # ...and writing it as finished bytes, as the sidecar's listener does: the sidecar's HTTP
         # layer without the decision.
-        self.ref9raw_port = stack.free_port()
-        self.ref9raw_proc = PROCS.start("reference-answer-raw", [self.bench_bin, "reference", "--host", "127.0.0.1", "--port",
-                                                                 str(self.ref9raw_port), "--sidecar-answer", "--raw"],
-                                        self.work / "logs" / "reference-answer-raw.log")
-        stack.wait_port("127.0.0.1", self.ref9raw_port, timeout=20, proc=self.ref9raw_proc)
+        self.ref9raw_proc, self.ref9raw_port = self.start_reference("reference-answer-raw", "--sidecar-answer", "--raw")
         self.sc_port, self.sc_grpc_port = stack.free_port(), stack.free_port()
         self.sc_proc = self.start_sidecar("sidecar", f"127.0.0.1:{self.sc_port}", self.as_port,
                                           f"127.0.0.1:{self.sc_grpc_port}")

@@ -134,30 +134,29 @@ enum HTTPBenchServer {
     typealias Answer = (HTTPResponseStatus, [(String, String)], String, TimeAmount)
 
     static func bind(host: String, port: Int, answer: @escaping @Sendable (HTTPRequestHead, ByteBuffer?) -> Answer) async throws -> any Channel {
-        try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-            .serverChannelOption(.backlog, value: 1024)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-            .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
-                    try channel.pipeline.syncOperations.addHandler(Handler(answer: answer))
-                }
-            }
-            .bind(host: host, port: port).get()
+        try await bind(host: host, port: port) { pipeline in
+            try pipeline.configureHTTPServerPipeline(withErrorHandling: true)
+            try pipeline.addHandler(Handler(answer: answer))
+        }
     }
 
     /// NIO's request parser and one fixed response written as bytes per request (keep-alive).
     static func bindRaw(host: String, port: Int, response: ByteBuffer) async throws -> any Channel {
+        try await bind(host: host, port: port) { pipeline in
+            try pipeline.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes)))
+            try pipeline.addHandler(RawHandler(response: response))
+        }
+    }
+
+    private static func bind(
+        host: String, port: Int, handlers: @escaping @Sendable (ChannelPipeline.SynchronousOperations) throws -> Void
+    ) async throws -> any Channel {
         try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes)))
-                    try channel.pipeline.syncOperations.addHandler(RawHandler(response: response))
-                }
+                channel.eventLoop.makeCompletedFuture { try handlers(channel.pipeline.syncOperations) }
             }
             .bind(host: host, port: port).get()
     }

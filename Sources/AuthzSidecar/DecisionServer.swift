@@ -105,6 +105,8 @@ final class DecisionHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// Pipelined requests held while an earlier one waits for the AS. Proxies do not pipeline;
     /// a client that sends more than this is cut off.
     static let maxQueued = 64
+    static let notFound = HTTP1Response(status: 404, headers: ["Content-Length": "0"])
+    static let badRequest = HTTP1Response(status: 400, headers: ["Content-Length": "0"])
 
     private let routes: DecisionServer.Routes
     private let queue: DecisionQueue
@@ -234,8 +236,8 @@ final class DecisionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
         // Like SwiftNIO's HTTPServerProtocolErrorHandler: a request that cannot be parsed gets a
         // 400, and the connection is closed.
-        let request = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/", headers: ["Connection": "close"])
-        write(HTTP1Response(status: 400, headers: ["Content-Length": "0"]), to: request, context: context)
+        closeAfterAnswer = true
+        write(Self.badRequest, to: HTTPRequestHead(version: .http1_1, method: .GET, uri: "/"), context: context)
     }
 
     private func serve(_ request: HTTPRequestHead, body: ByteBuffer?, context: ChannelHandlerContext) {
@@ -269,7 +271,7 @@ final class DecisionHandler: ChannelDuplexHandler, RemovableChannelHandler {
             write(HTTP1Response(status: reply.status.code, headers: headers, body: reply.body), to: request, context: context)
             return
         }
-        write(HTTP1Response(status: 404, headers: ["Content-Length": "0"]), to: request, context: context)
+        write(Self.notFound, to: request, context: context)
     }
 
     /// Answers the requests that waited behind an answer from the queue, until one must wait too.

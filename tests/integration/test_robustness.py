@@ -129,30 +129,34 @@ def test_client_disconnects_mid_request_and_mid_decision(tmp_path, fake_as, toke
         sc.stop()
 
 
+def seconds_until_closed(sock: socket.socket, chunks, interval: float) -> "float | None":
+    """Sends `chunks` one at a time, `interval` s apart, until the peer closes the connection;
+    returns the seconds that took, or None if it stayed open."""
+    started = time.monotonic()
+    for chunk in chunks:
+        try:
+            sock.sendall(chunk)
+            sock.setblocking(False)
+            try:
+                if sock.recv(1) == b"":
+                    return time.monotonic() - started
+            except BlockingIOError:
+                pass
+            finally:
+                sock.setblocking(True)
+        except (BrokenPipeError, ConnectionResetError):
+            return time.monotonic() - started
+        time.sleep(interval)
+    return None
+
+
 def test_slow_clients_are_cut_off_at_the_idle_timeout(tmp_path, fake_as):
     sc = Sidecar(tmp_path, config(fake_as, idle_timeout_seconds=2))
     try:
-        started = time.monotonic()
         with socket.create_connection(("127.0.0.1", sc.port)) as s:
             s.settimeout(10)
-            request = authz(None)
-            closed_after = None
-            for byte in request:  # one byte every 0.25 s: a complete head would take ~20 s
-                try:
-                    s.sendall(bytes([byte]))
-                    s.setblocking(False)
-                    try:
-                        if s.recv(1) == b"":
-                            closed_after = time.monotonic() - started
-                            break
-                    except BlockingIOError:
-                        pass
-                    finally:
-                        s.setblocking(True)
-                except (BrokenPipeError, ConnectionResetError):
-                    closed_after = time.monotonic() - started
-                    break
-                time.sleep(0.25)
+            # one byte every 0.25 s: a complete head would take ~20 s
+            closed_after = seconds_until_closed(s, (bytes([b]) for b in authz(None)), 0.25)
         assert closed_after is not None and closed_after < 5, f"closed after {closed_after}"
         # an idle keep-alive connection is closed too
         with socket.create_connection(("127.0.0.1", sc.port)) as s:
@@ -438,24 +442,8 @@ def test_a_trickled_body_is_cut_off_at_the_idle_timeout(tmp_path, fake_as):
     try:
         with socket.create_connection(("127.0.0.1", sc.port)) as s:
             s.sendall(b"POST /authz HTTP/1.1\r\nHost: x\r\nX-Original-URI: /token-mtls/\r\nContent-Length: 1000\r\n\r\n")
-            started = time.monotonic()
-            closed_after = None
-            for _ in range(80):  # one byte every 0.1 s: the body would take 100 s
-                try:
-                    s.sendall(b"a")
-                    s.setblocking(False)
-                    try:
-                        if s.recv(1) == b"":
-                            closed_after = time.monotonic() - started
-                            break
-                    except BlockingIOError:
-                        pass
-                    finally:
-                        s.setblocking(True)
-                except (BrokenPipeError, ConnectionResetError):
-                    closed_after = time.monotonic() - started
-                    break
-                time.sleep(0.1)
+            # one byte every 0.1 s: the body would take 100 s
+            closed_after = seconds_until_closed(s, (b"a" for _ in range(80)), 0.1)
         assert closed_after is not None and closed_after < 5, f"closed after {closed_after}"
         # a request behind a slow AS is not cut off by the idle timeout of a shorter wait
         fake_as.mode, fake_as.delay = "slow", 0.5
