@@ -26,6 +26,9 @@ public struct AccessRequest: Sendable {
     public var policyHint: String?
     /// Total bytes of header names and values, for `max_header_bytes`.
     public var headerBytes: Int
+    /// An nginx-form question that did not say what it asks about (no `X-Original-URI`): a proxy
+    /// misconfiguration, refused rather than read as `GET /` (DESIGN.md §5.1).
+    public var originalURIMissing = false
 
     public init(front: Front, method: String, path: String, host: String, headers: HTTPHeaders, peerCertificate: String? = nil, policyHint: String? = nil, headerBytes: Int = 0) {
         self.front = front
@@ -64,15 +67,17 @@ public struct AccessRequest: Sendable {
         let policyHint = trustPolicyHeader ? headers.first(.authzPolicy) : nil
         let host = headers.first(.host) ?? ""
         if front == .nginx {
+            let originalURI = headers.first(.originalURI)
             self.init(
                 front: .nginx,
                 method: Self.uppercased(headers.first(.originalMethod) ?? method),
-                path: headers.first(.originalURI) ?? "/",
+                path: originalURI ?? "",
                 host: headers.first(.originalHost) ?? host,
                 headers: headers,
                 policyHint: policyHint,
                 headerBytes: headerBytes
             )
+            originalURIMissing = originalURI == nil
         } else {
             self.init(
                 front: .envoyHTTP,
@@ -91,9 +96,10 @@ public struct AccessRequest: Sendable {
         method.utf8.contains(where: { $0 >= UInt8(ascii: "a") && $0 <= UInt8(ascii: "z") }) ? method.uppercased() : method
     }
 
-    /// The path policies match: without query, dot segments resolved, slashes merged.
-    public var pathWithoutQuery: Substring {
-        RequestPath.normalized(path[...])
+    /// Every reading of the path (DESIGN.md §5.1); policies match the strict one, and only when
+    /// all of them select the same policy.
+    public var pathReadings: PathReadings {
+        PathReadings.of(path[...])
     }
 
     /// `X-Request-Id` when the proxy sent one (for log correlation), bounded.

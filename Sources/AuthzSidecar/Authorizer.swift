@@ -95,8 +95,12 @@ public final class Authorizer: Sendable {
 
     private func prepare(_ request: AccessRequest, started: Double) -> Prepared {
         // 1. policy
-        guard let evaluation = selectPolicy(for: request) else {
-            let outcome = Outcome.decision(.deny(Denial(.noPolicy, detail: "no policy matches \(request.method) \(request.host)\(request.pathWithoutQuery.prefix(200))")))
+        let evaluation: PolicyEvaluation
+        switch select(for: request) {
+        case .selected(let selected):
+            evaluation = selected
+        case .refused(let denial):
+            let outcome = Outcome.decision(.deny(denial))
             record(outcome, policy: nil, digest: nil, request: request, started: started)
             return .decided(outcome, nil)
         }
@@ -114,6 +118,10 @@ public final class Authorizer: Sendable {
             return .decided(outcome, policy)
         case .malformed(let why):
             let outcome = Outcome.decision(.deny(Denial(.malformedToken, detail: why)))
+            record(outcome, policy: policy, digest: nil, request: request, started: started)
+            return .decided(outcome, policy)
+        case .dpop:
+            let outcome = Outcome.decision(.deny(Denial(.dpopUnsupported, detail: "Authorization: DPoP is not supported yet; a DPoP token is never anonymous")))
             record(outcome, policy: policy, digest: nil, request: request, started: started)
             return .decided(outcome, policy)
         case .token(let token):
@@ -136,15 +144,51 @@ public final class Authorizer: Sendable {
         return answer
     }
 
+    /// The policy a request selects, or why it selects none (DESIGN.md §5.1).
+    enum Selection {
+        case selected(PolicyEvaluation)
+        case refused(Denial)
+    }
+
     /// The policy the proxy named (the front end passes a hint only from a trusted source), else
-    /// the first policy that matches. A named policy that does not exist matches nothing.
-    func selectPolicy(for request: AccessRequest) -> PolicyEvaluation? {
-        if let hint = request.policyHint {
-            return evaluations.first { $0.policy.name == hint }
+    /// the first policy that matches under every reading of the path. A named policy that does not
+    /// exist matches nothing.
+    func select(for request: AccessRequest) -> Selection {
+        if request.originalURIMissing {
+            return .refused(Denial(.missingOriginalURI, detail: "proxy misconfiguration: an nginx-form /authz request without X-Original-URI"))
         }
-        let path = request.pathWithoutQuery
-        let host = Substring(request.host)
-        return evaluations.first { $0.policy.matches(method: request.method, path: path, host: host) }
+        let readings: PathReadings.Readings
+        switch request.pathReadings {
+        case .refused(let why):
+            return .refused(Denial(.ambiguousPath, detail: why))
+        case .readings(let derived):
+            readings = derived
+        }
+        if let hint = request.policyHint {
+            guard let named = evaluations.first(where: { $0.policy.name == hint }) else {
+                return .refused(Denial(.noPolicy, detail: "the proxy named policy \"\(hint.prefix(64))\", which does not exist"))
+            }
+            return .selected(named)
+        }
+        let host = HostKey(Substring(request.host))
+        let first = firstMatch(path: readings.strict, method: request.method, host: host)
+        for other in readings.others where firstMatch(path: other, method: request.method, host: host) !== first {
+            return .refused(Denial(.ambiguousPath, detail: "readings of the path select different policies: \(readings.strict.prefix(200)) and \(other.prefix(200))"))
+        }
+        guard let first else {
+            return .refused(Denial(.noPolicy, detail: "no policy matches \(request.method) \(request.host)\(readings.strict.prefix(200))"))
+        }
+        return .selected(first)
+    }
+
+    /// The selected policy, nil when none matches or the request is refused before one is chosen.
+    func selectPolicy(for request: AccessRequest) -> PolicyEvaluation? {
+        if case .selected(let evaluation) = select(for: request) { return evaluation }
+        return nil
+    }
+
+    private func firstMatch(path: Substring, method: String, host: HostKey) -> PolicyEvaluation? {
+        evaluations.first { $0.policy.matches(method: method, path: path, host: host) }
     }
 
     private func record(_ outcome: Outcome, policy: PolicyConfiguration?, digest: TokenDigest?, request: AccessRequest, started: Double) {
@@ -160,7 +204,12 @@ public final class Authorizer: Sendable {
             var fields = metadata(policyName, denial.reason.rawValue, digest, request, started)
             fields["authz.status"] = "\(denial.status)"
             if let detail = denial.detail { fields["authz.detail"] = "\(detail)" }
-            logger.info("denied", metadata: fields)
+            if denial.reason == .missingOriginalURI {
+                // Not the client's doing: every request through this proxy location is refused.
+                logger.warning("denied: proxy misconfiguration", metadata: fields)
+            } else {
+                logger.info("denied", metadata: fields)
+            }
         case .fault(let error):
             metrics.faulted(policy: policyName)
             var fields = metadata(policyName, "as_fault", digest, request, started)

@@ -5,6 +5,9 @@ public enum BearerToken: Equatable, Sendable {
     /// A Bearer header we cannot use; the text says why (for logs, never echoing the value).
     case malformed(String)
     case token(String)
+    /// `Authorization: DPoP …` (RFC 9449): a token that needs a proof. Never read as no token
+    /// (DESIGN.md §5.2).
+    case dpop
 
     /// The longest token accepted; longer ones are malformed.
     public static let maxLength = 8192
@@ -33,6 +36,7 @@ public enum BearerToken: Equatable, Sendable {
         while i != bytes.endIndex, bytes[i] != UInt8(ascii: " "), bytes[i] != UInt8(ascii: "\t") { i = bytes.index(after: i) }
         let scheme = bytes[schemeStart..<i]
         guard scheme.count == 6, scheme.elementsEqual("bearer".utf8, by: { ($0 | 0x20) == $1 }) else {
+            if scheme.count == 4, scheme.elementsEqual("dpop".utf8, by: { ($0 | 0x20) == $1 }) { return .dpop }
             return .missing
         }
         let separatorStart = i

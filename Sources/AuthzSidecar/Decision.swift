@@ -23,18 +23,29 @@ public struct Grant: Sendable, Equatable {
 /// Why a request is refused; bounded, used as a metric label and in logs.
 public enum DenialReason: String, Sendable, CaseIterable {
     case noPolicy = "no_policy"
+    /// The readings of the path select different policies, climb above the root, or the path
+    /// holds a control character (DESIGN.md §5.1).
+    case ambiguousPath = "ambiguous_path"
+    /// An nginx-form question without `X-Original-URI`: a proxy misconfiguration.
+    case missingOriginalURI = "missing_original_uri"
     case noToken = "no_token"
     case malformedToken = "malformed_token"
+    /// `Authorization: DPoP …`: never "no token"; refused until DPoP proofs are verified.
+    case dpopUnsupported = "dpop_unsupported"
     case requestTooLarge = "request_too_large"
     case inactive
     case expired
     case notYetValid = "not_yet_valid"
     case issuerMismatch = "issuer_mismatch"
     case audienceMismatch = "audience_mismatch"
+    /// A refresh, offline, ID or logout token (DESIGN.md §5.4): only access tokens pass.
+    case tokenKind = "token_kind"
     case certificateMissing = "certificate_missing"
     case certificateInvalid = "certificate_invalid"
     case bindingMismatch = "binding_mismatch"
     case unboundToken = "unbound_token"
+    /// A `cnf` binding the sidecar cannot check (`jkt` sent as Bearer, or an unknown member).
+    case unsupportedBinding = "unsupported_binding"
     case insufficientScope = "insufficient_scope"
 }
 
@@ -59,7 +70,7 @@ public struct Denial: Sendable, Equatable {
     /// 403 when the token is good but not for this route; 401 otherwise.
     public var status: Int {
         switch reason {
-        case .insufficientScope, .noPolicy: return 403
+        case .insufficientScope, .noPolicy, .ambiguousPath, .missingOriginalURI: return 403
         default: return 401
         }
     }
@@ -67,8 +78,8 @@ public struct Denial: Sendable, Equatable {
     /// The RFC 6750 error code; none when no bearer token was sent (§3.1) or no policy matched.
     public var errorCode: ErrorCode? {
         switch reason {
-        case .noToken, .noPolicy: return nil
-        case .malformedToken, .requestTooLarge: return .invalidRequest
+        case .noToken, .noPolicy, .ambiguousPath, .missingOriginalURI: return nil
+        case .malformedToken, .requestTooLarge, .dpopUnsupported: return .invalidRequest
         case .insufficientScope: return .insufficientScope
         default: return .invalidToken
         }

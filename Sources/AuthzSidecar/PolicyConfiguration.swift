@@ -68,7 +68,7 @@ public struct PolicyConfiguration: Sendable, Equatable {
     ) {
         self.name = name
         self.pathPrefix = pathPrefix
-        self.hosts = hosts.map { $0.lowercased() }
+        self.hosts = hosts.map(HostName.entry)
         self.methods = methods.map { $0.uppercased() }
         self.requiredScopes = requiredScopes
         self.scopeMatch = scopeMatch
@@ -91,21 +91,46 @@ public struct PolicyConfiguration: Sendable, Equatable {
 
     /// Whether this policy covers a request (path prefix on the path without its query, host, method).
     public func matches(method: String, path: Substring, host: Substring) -> Bool {
+        matches(method: method, path: path, host: HostKey(host))
+    }
+
+    /// The same, with the host normalised once per request (DESIGN.md §5.1).
+    func matches(method: String, path: Substring, host: HostKey) -> Bool {
         guard path.utf8.starts(with: pathPrefix.utf8) else { return false }
         if !methods.isEmpty, !methods.contains(where: { $0.utf8.elementsEqual(method.utf8) }) {
             return false
         }
         if !hosts.isEmpty {
-            let lowered = host.lowercased()
-            var bare = lowered[...]
-            if let colon = lowered.lastIndex(of: ":"), !lowered[colon...].contains("]"),
-                lowered[lowered.index(after: colon)...].allSatisfy(\.isASCIIDigit)
-            {
-                bare = lowered[..<colon]
-            }
-            guard hosts.contains(where: { $0 == lowered || $0 == bare }) else { return false }
+            guard hosts.contains(where: { entry in entry == host.bare || (host.withPort.map { withPort in entry == withPort } ?? false) }) else { return false }
         }
         return true
+    }
+}
+
+/// A request's host as policies compare it: lower-cased, without one trailing dot, without the
+/// port (`bare`) and with it (`withPort`, for `hosts:` entries that name a port).
+struct HostKey: Sendable {
+    var bare: Substring
+    var withPort: Substring?
+
+    init(_ host: Substring) {
+        bare = HostName.normalized(host)
+        if let colon = host.lastIndex(of: ":"), !host[colon...].contains("]"), host.index(after: colon) != host.endIndex,
+            host[host.index(after: colon)...].utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 })
+        {
+            withPort = Substring("\(bare)\(host[colon...])")
+        } else {
+            withPort = nil
+        }
+    }
+}
+
+extension HostName {
+    /// A `hosts:` entry as it is compared: lower-cased, one trailing dot removed from the name,
+    /// a port kept (`Admin.Example.:8443` → `admin.example:8443`).
+    static func entry(_ text: String) -> String {
+        let key = HostKey(text[...])
+        return String(key.withPort ?? key.bare)
     }
 }
 

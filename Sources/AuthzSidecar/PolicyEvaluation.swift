@@ -35,8 +35,20 @@ public final class PolicyEvaluation: Sendable {
         if !policy.audiences.isEmpty, !info.aud.contains(where: policy.audiences.contains) {
             return .deny(Denial(.audienceMismatch))
         }
+        // only access tokens pass (§5.4)
+        if let kind = info.refusedKind {
+            return .deny(Denial(.tokenKind, detail: "token_type/typ \"\(kind.prefix(32))\" is not an access token"))
+        }
 
-        // 5. certificate binding (RFC 8705 §3), on every request
+        // 5. a binding is never ignored: one the sidecar cannot check refuses the token
+        if info.jwkThumbprint != nil {
+            return .deny(Denial(.unsupportedBinding, detail: "token is DPoP-bound (cnf.jkt) but came without a DPoP proof"))
+        }
+        if let other = info.otherConfirmation {
+            return .deny(Denial(.unsupportedBinding, detail: "token has a cnf member the sidecar cannot check: \(other.prefix(32))"))
+        }
+
+        // certificate binding (RFC 8705 §3), on every request
         if let bound = info.certificateThumbprint {
             let thumbprint: CertificateThumbprint
             switch certificate(of: request) {

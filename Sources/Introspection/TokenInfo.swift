@@ -19,8 +19,11 @@ public struct TokenInfo: Sendable, Equatable {
     public var jti: String? { get { box.members.jti } set { unique().members.jti = newValue } }
     /// RFC 8705 §3.1 `cnf["x5t#S256"]`: base64url SHA-256 of the certificate the token is bound to.
     public var certificateThumbprint: String? { get { box.members.certificateThumbprint } set { unique().members.certificateThumbprint = newValue } }
-    /// RFC 9449 `cnf["jkt"]` (DPoP), kept for policies; not enforced.
+    /// RFC 9449 `cnf["jkt"]` (DPoP): the token may only be used with a proof by that key.
     public var jwkThumbprint: String? { get { box.members.jwkThumbprint } set { unique().members.jwkThumbprint = newValue } }
+    /// The name of a `cnf` member other than `x5t#S256` and `jkt`: a binding the sidecar cannot
+    /// check, so the token is refused rather than treated as unbound (DESIGN.md §5.5).
+    public var otherConfirmation: String? { get { box.members.otherConfirmation } set { unique().members.otherConfirmation = newValue } }
     /// Members that are not modelled above (Keycloak's `clientId`, `typ`, `azp`,
     /// `preferred_username`, custom claims), for the header fallbacks and `forward_claims`.
     public var extra: [String: JSONValue] { get { box.members.extra } set { unique().members.extra = newValue } }
@@ -44,6 +47,7 @@ public struct TokenInfo: Sendable, Equatable {
         var jti: String?
         var certificateThumbprint: String?
         var jwkThumbprint: String?
+        var otherConfirmation: String?
         var extra: [String: JSONValue]
     }
 
@@ -85,6 +89,7 @@ public struct TokenInfo: Sendable, Equatable {
         jti: String? = nil,
         certificateThumbprint: String? = nil,
         jwkThumbprint: String? = nil,
+        otherConfirmation: String? = nil,
         extra: [String: JSONValue] = [:]
     ) {
         box = Box(Members(
@@ -102,6 +107,7 @@ public struct TokenInfo: Sendable, Equatable {
             jti: jti,
             certificateThumbprint: certificateThumbprint,
             jwkThumbprint: jwkThumbprint,
+            otherConfirmation: otherConfirmation,
             extra: extra
         ))
     }
@@ -134,6 +140,23 @@ public struct TokenInfo: Sendable, Equatable {
                 return false
             }
         }
+    }
+
+    /// Token kinds that are not access tokens, as `token_type` or `typ` name them (DESIGN.md §5.4;
+    /// Keycloak introspects refresh, offline and ID tokens as `active: true`).
+    public static let refusedKinds: Set<String> = ["refresh_token", "refresh", "offline", "id", "id_token", "logout"]
+
+    /// The `token_type` or `typ` that names a kind other than an access token, nil for an access
+    /// token (or a token that names no kind).
+    public var refusedKind: String? {
+        if let tokenType, Self.isRefusedKind(tokenType) { return tokenType }
+        if case .string(let typ)? = extra["typ"], Self.isRefusedKind(typ) { return typ }
+        return nil
+    }
+
+    private static func isRefusedKind(_ kind: String) -> Bool {
+        // Longer names are none of these; shorter ones lower-case as small strings (no allocation).
+        kind.utf8.count <= 13 && refusedKinds.contains(kind.lowercased())
     }
 
     /// Whether `exp` has passed at `now` (a token without `exp` never expires by it).
@@ -256,7 +279,12 @@ extension TokenInfo {
             case .string(let thumbprint)?: certificateThumbprint = thumbprint
             default: throw .malformed("\"cnf.x5t#S256\" is not a string")
             }
-            if case .string(let jkt)? = cnf["jkt"] { jwkThumbprint = jkt }
+            switch cnf["jkt"] {
+            case nil: break
+            case .string(let jkt)?: jwkThumbprint = jkt
+            default: throw .malformed("\"cnf.jkt\" is not a string")
+            }
+            otherConfirmation = cnf.keys.filter { $0 != "x5t#S256" && $0 != "jkt" }.min()
             extra["cnf"] = value
         default:
             throw .malformed("\"cnf\" is not an object")

@@ -1,9 +1,15 @@
 @testable import AuthzSidecar
 import Testing
 
-@Suite("RequestPath: what policies match, whatever the client wrote")
+@Suite("PathReadings: what policies match, whatever the client wrote")
 struct RequestPathTests {
-    @Test("normalisation", arguments: [
+    /// The strict reading when every reading agrees.
+    static func strict(_ raw: String) -> Substring? {
+        guard case .readings(let readings) = PathReadings.of(raw[...]) else { return nil }
+        return readings.strict
+    }
+
+    @Test("the strict reading", arguments: [
         ("/token-mtls/api/", "/token-mtls/api/"),
         ("/token-mtls/api/?x=1&y=/../admin", "/token-mtls/api/"),
         ("/token-mtls/../admin-api/x", "/admin-api/x"),
@@ -13,23 +19,73 @@ struct RequestPathTests {
         ("//admin-api//x", "/admin-api/x"),
         ("/a/b/..", "/a/"),
         ("/a/b/.", "/a/b/"),
-        ("/../../etc", "/etc"),
         ("/%61dmin-api/x", "/admin-api/x"),
         ("/a%2fb/c", "/a%2Fb/c"),
         ("/a#frag/../x", "/a"),
-        ("", "/"),
-        ("admin", "/admin"),
+        ("/a%252Fb", "/a%252Fb"),
+        ("http://h.example/admin-api/x", "/admin-api/x"),
+        ("HTTPS://h.example:8443", "/"),
     ])
-    func normalized(raw: String, expected: String) {
-        #expect(RequestPath.normalized(raw[...]) == expected[...])
+    func normalized(raw: String, expected: String) throws {
+        guard case .readings(let readings) = PathReadings.of(raw[...]) else {
+            Issue.record("\(raw) was refused")
+            return
+        }
+        #expect(readings.strict == expected[...])
+    }
+
+    @Test("refused: climbing above the root, control characters, %00, no path", arguments: [
+        "/..", "/../etc", "/a/../../etc", "/%2e%2e/x", "/a/..;/..;/x", "/a/..%2F..%2Fx", "/a\\..\\..\\x",
+        "/a\u{0}b", "/a%00b", "/a%0Ab", "/a%0d%0ab", "/a%7Fb", "/a\tb", "/a%1fb",
+        "", "admin", "*", "ftp://h/x",
+    ])
+    func refused(raw: String) {
+        guard case .refused = PathReadings.of(raw[...]) else {
+            Issue.record("\(raw.debugDescription) was not refused")
+            return
+        }
+    }
+
+    @Test("readings that differ", arguments: [
+        ("/public/..;/admin-api/users", ["/public/..;/admin-api/users", "/admin-api/users"]),
+        ("/public/..%2Fadmin-api/users", ["/public/..%2Fadmin-api/users", "/admin-api/users"]),
+        ("/public/..%5cadmin-api/users", ["/public/..%5Cadmin-api/users", "/admin-api/users"]),
+        ("/public/..\\admin-api/users", ["/public/..\\admin-api/users", "/admin-api/users"]),
+        ("/api/group%2Fproject", ["/api/group%2Fproject", "/api/group/project"]),
+        ("/public;x=1/a", ["/public;x=1/a", "/public/a"]),
+    ])
+    func differing(raw: String, expected: [String]) {
+        guard case .readings(let readings) = PathReadings.of(raw[...]) else {
+            Issue.record("\(raw) was refused")
+            return
+        }
+        for reading in expected {
+            #expect(readings.all.contains(reading[...]), "\(raw): \(readings.all) lacks \(reading)")
+        }
+    }
+
+    @Test("plain paths have one reading, the path itself")
+    func plain() {
+        for raw in ["/", "/api/v1/items", "/a.b/c-d_e~f", "/.well-known/x"] {
+            #expect(PathReadings.of(raw[...]) == .readings(.init(strict: raw[...], others: [])), "\(raw)")
+        }
     }
 
     @Test("a policy prefix cannot be escaped with dot segments or encodings")
-    func prefixEscape() {
+    func prefixEscape() throws {
         let policy = PolicyConfiguration(name: "public", pathPrefix: "/public/")
         for raw in ["/public/../admin-api/x", "/public/%2e%2e/admin-api/x", "/public/.%2E/admin-api/x"] {
-            #expect(!policy.matches(method: "GET", path: RequestPath.normalized(raw[...]), host: "h"), "\(raw)")
+            let path = try #require(Self.strict(raw))
+            #expect(!policy.matches(method: "GET", path: path, host: "h"), "\(raw)")
         }
-        #expect(policy.matches(method: "GET", path: RequestPath.normalized("/public/a/../b"), host: "h"))
+        #expect(policy.matches(method: "GET", path: try #require(Self.strict("/public/a/../b")), host: "h"))
+    }
+
+    @Test("host names: lower-cased, port and one trailing dot dropped", arguments: [
+        ("admin.example", "admin.example"), ("Admin.Example.", "admin.example"), ("admin.example.:443", "admin.example"),
+        ("ADMIN.EXAMPLE:8443", "admin.example"), ("[::1]:443", "[::1]"), ("admin.example..", "admin.example."),
+    ])
+    func hosts(raw: String, expected: String) {
+        #expect(HostName.normalized(raw[...]) == expected[...])
     }
 }
