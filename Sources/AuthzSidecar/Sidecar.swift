@@ -122,6 +122,11 @@ public struct Sidecar: Sendable {
         let cache = keep ? old.authorizer.cache : CachingTokenIntrospector(upstream: upstream, configuration: configuration.cache, clock: clock, metrics: metricsFactory)
         let authorizer = Authorizer(configuration: configuration, cache: cache, clock: clock, logger: logger, metrics: metricsFactory)
         slot.replace(with: .init(authorizer: authorizer, upstream: upstream))
+        if !keep {
+            // Requests still on the old generation must not be decided on answers the old cache
+            // holds or is still fetching: a dropped cache is a purge (DESIGN.md §4).
+            old.authorizer.cache.purgeAll()
+        }
         return keep ? .kept : .dropped
     }
 }

@@ -3,11 +3,18 @@ import Metrics
 import Synchronization
 import NIOConcurrencyHelpers
 
-/// Caches any introspector's answers, honestly (DESIGN.md §5.3):
+/// Caches any introspector's answers, honestly (DESIGN.md §4, §5.3):
 /// keyed by `TokenDigest`; an active answer lives `min(ttl, exp − now)` and is never served once
-/// `exp` has passed; an inactive one lives `negative_ttl`; faults are never cached; N concurrent
-/// lookups of one uncached token make one upstream call (single-flight); during an AS fault an
-/// answer whose TTL ran out less than `stale_if_error` ago may be served, never past `exp`.
+/// `exp` has passed; an inactive one lives `negative_ttl` in a bound of its own, so junk tokens
+/// never evict active answers; faults are never cached; N concurrent lookups of one uncached
+/// token make one upstream call (single-flight); during an AS fault an answer whose TTL ran out
+/// less than `stale_if_error` ago may be served, never past `exp`. Lifetimes are counted on the
+/// monotonic clock (`uptime`), `exp` on the wall clock.
+///
+/// A purge reaches lookups in flight: the purged call is taken out of the flight table, so new
+/// arrivals start a call of their own; its answer is never cached, and the requests that waited
+/// for it (and the one that made it) look the token up again instead of using it. Once a purge
+/// has returned, no request is decided on an answer the AS gave before it.
 public final class CachingTokenIntrospector: TokenIntrospector {
     /// Where an answer came from, for logs and metrics.
     public enum Source: String, Sendable {
@@ -22,9 +29,15 @@ public final class CachingTokenIntrospector: TokenIntrospector {
 
     private typealias Outcome = Result<Answer, IntrospectionError>
 
+    /// How often a lookup starts again because a purge overtook the call it relied on, before it
+    /// gives up with a fault (a purge loop faster than the AS answers).
+    static let maxPurgeRetries = 4
+
     /// One call in flight; its waiters are continuations, resumed when it ends.
     private final class Flight: Sendable {
         private let state = NIOLockedValueBox<(result: Outcome?, waiters: [CheckedContinuation<Outcome, Never>])>((nil, []))
+        /// Set (under the shard's lock) by a purge: the answer must not be cached or used.
+        let purged = Atomic<Bool>(false)
 
         func wait() async -> Outcome {
             await withCheckedContinuation { continuation in
@@ -45,16 +58,36 @@ public final class CachingTokenIntrospector: TokenIntrospector {
             }
             for waiter in waiters { waiter.resume(returning: result) }
         }
+
+        var isPurged: Bool { purged.load(ordering: .acquiring) }
     }
 
     private struct ShardState: Sendable {
+        /// Active answers.
         var entries: TTLCache<TokenDigest, TokenInfo>
+        /// Inactive answers, bounded apart.
+        var negatives: TTLCache<TokenDigest, TokenInfo>
         var flights: [TokenDigest: Flight] = [:]
+
+        mutating func remove(_ digest: TokenDigest) -> Bool {
+            let active = entries.remove(digest)
+            let inactive = negatives.remove(digest)
+            if let flight = flights.removeValue(forKey: digest) { flight.purged.store(true, ordering: .releasing) }
+            return active || inactive
+        }
+
+        mutating func removeAll() -> Int {
+            for flight in flights.values { flight.purged.store(true, ordering: .releasing) }
+            flights = [:]
+            return entries.removeAll() + negatives.removeAll()
+        }
     }
 
     private final class Shard: Sendable {
         let state: NIOLockedValueBox<ShardState>
-        init(capacity: Int) { state = NIOLockedValueBox(ShardState(entries: TTLCache(capacity: capacity))) }
+        init(capacity: Int, negativeCapacity: Int) {
+            state = NIOLockedValueBox(ShardState(entries: TTLCache(capacity: capacity), negatives: TTLCache(capacity: negativeCapacity)))
+        }
     }
 
     private let upstream: any TokenIntrospector
@@ -77,7 +110,8 @@ public final class CachingTokenIntrospector: TokenIntrospector {
         self.clock = clock
         let shardCount = max(1, min(shardCount, configuration.maxEntries))
         let perShard = max(1, (configuration.maxEntries + shardCount - 1) / shardCount)
-        self.shards = (0..<shardCount).map { _ in Shard(capacity: perShard) }
+        let negativePerShard = max(1, (configuration.effectiveMaxNegativeEntries + shardCount - 1) / shardCount)
+        self.shards = (0..<shardCount).map { _ in Shard(capacity: perShard, negativeCapacity: negativePerShard) }
         self.metrics = CacheMetrics(factory: factory)
     }
 
@@ -88,11 +122,13 @@ public final class CachingTokenIntrospector: TokenIntrospector {
     /// A fresh cached answer, without suspending: the hot path. nil on a miss (and for an
     /// entry that is stale or past `exp`), in which case `lookup` must be used.
     public func cached(_ digest: TokenDigest) -> TokenInfo? {
-        let now = clock.now()
+        let uptime = clock.uptime()
         let info: TokenInfo? = shards[digest.shard(of: shards.count)].state.withLockedValue { state in
-            guard case .fresh(let info) = state.entries.lookup(digest, now: now) else { return nil }
-            return info.active && info.hasExpired(at: now) ? nil : info
+            if case .fresh(let info) = state.entries.lookup(digest, now: uptime) { return info }
+            if case .fresh(let info) = state.negatives.lookup(digest, now: uptime) { return info }
+            return nil
         }
+        if let info, info.active, info.hasExpired(at: clock.now()) { return nil }
         if info != nil { metrics.hits.increment() }
         return info
     }
@@ -100,6 +136,16 @@ public final class CachingTokenIntrospector: TokenIntrospector {
     /// Looks a token up, calling the upstream introspector on a miss.
     public func lookup(token: String, digest: TokenDigest) async throws(IntrospectionError) -> Answer {
         let shard = shards[digest.shard(of: shards.count)]
+        for _ in 0..<Self.maxPurgeRetries {
+            if let answer = try await lookupOnce(token: token, digest: digest, shard: shard) { return answer }
+            metrics.purgedFlights.increment()
+        }
+        throw .transport("the token was purged \(Self.maxPurgeRetries) times while the authorization server was asked")
+    }
+
+    /// One lookup; nil when a purge overtook the call it relied on (the caller starts again).
+    private func lookupOnce(token: String, digest: TokenDigest, shard: Shard) async throws(IntrospectionError) -> Answer? {
+        let uptime = clock.uptime()
         let now = clock.now()
 
         enum Step {
@@ -109,10 +155,10 @@ public final class CachingTokenIntrospector: TokenIntrospector {
         }
         let step: Step = shard.state.withLockedValue { state in
             var stale: TokenInfo?
-            switch state.entries.lookup(digest, now: now) {
+            switch state.entries.lookup(digest, now: uptime) {
             case .fresh(let info):
                 // exp is re-checked on every hit, whatever the entry's own lifetime says.
-                if info.active, info.hasExpired(at: now) {
+                if info.hasExpired(at: now) {
                     state.entries.remove(digest)
                 } else {
                     return .hit(info)
@@ -120,7 +166,7 @@ public final class CachingTokenIntrospector: TokenIntrospector {
             case .stale(let info):
                 stale = info
             case .absent:
-                break
+                if case .fresh(let info) = state.negatives.lookup(digest, now: uptime) { return .hit(info) }
             }
             if let flight = state.flights[digest] { return .wait(flight) }
             let flight = Flight()
@@ -134,18 +180,21 @@ public final class CachingTokenIntrospector: TokenIntrospector {
             return Answer(info: info, source: .hit)
         case .wait(let flight):
             metrics.coalesced.increment()
-            var answer = try await flight.wait().get()
+            let outcome = await flight.wait()
+            guard !flight.isPurged else { return nil }
+            var answer = try outcome.get()
             if answer.source == .miss { answer.source = .coalesced }
             return answer
         case .lead(let flight, let stale):
             metrics.misses.increment()
-            let outcome = await callUpstream(token: token, digest: digest, shard: shard, stale: stale)
+            let outcome = await callUpstream(token: token, digest: digest, shard: shard, flight: flight, stale: stale)
             flight.finish(outcome)
+            guard !flight.isPurged else { return nil }
             return try outcome.get()
         }
     }
 
-    private func callUpstream(token: String, digest: TokenDigest, shard: Shard, stale: TokenInfo?) async -> Outcome {
+    private func callUpstream(token: String, digest: TokenDigest, shard: Shard, flight: Flight, stale: TokenInfo?) async -> Outcome {
         let result: Result<TokenInfo, IntrospectionError>
         do throws(IntrospectionError) {
             result = .success(try await upstream.introspect(token))
@@ -153,14 +202,21 @@ public final class CachingTokenIntrospector: TokenIntrospector {
             result = .failure(error)
         }
         let now = clock.now()
+        let uptime = clock.uptime()
         return shard.state.withLockedValue { state -> Outcome in
-            state.flights[digest] = nil
+            // A purge took this call out of the table (and may have let a newer one in): its
+            // answer is not cached, and the newer call's entry is not touched.
+            let purged = flight.isPurged
+            if !purged { state.flights[digest] = nil }
             switch result {
             case .success(let info):
-                let (fresh, staleUntil) = lifetime(of: info, now: now)
-                if fresh > now {
-                    let evicted = state.entries.insert(digest, value: info, freshUntil: fresh, staleUntil: staleUntil, now: now)
+                let (fresh, staleUntil) = lifetime(of: info, now: now, uptime: uptime)
+                if !purged, fresh > uptime {
+                    let evicted = info.active
+                        ? state.entries.insert(digest, value: info, freshUntil: fresh, staleUntil: staleUntil, now: uptime)
+                        : state.negatives.insert(digest, value: info, freshUntil: fresh, staleUntil: staleUntil, now: uptime)
                     if evicted > 0 { metrics.evictions.increment(by: evicted) }
+                    if info.active { state.negatives.remove(digest) } else { state.entries.remove(digest) }
                 }
                 return .success(Answer(info: info, source: .miss))
             case .failure(let error):
@@ -173,13 +229,14 @@ public final class CachingTokenIntrospector: TokenIntrospector {
         }
     }
 
-    /// When an answer stops being fresh, and when it stops being usable even as stale.
-    private func lifetime(of info: TokenInfo, now: Double) -> (fresh: Double, stale: Double) {
-        guard configuration.ttlSeconds > 0, configuration.maxEntries > 0 else { return (now, now) }
-        guard info.active else { return (now + configuration.negativeTTLSeconds, now + configuration.negativeTTLSeconds) }
-        let exp = info.exp.map(Double.init) ?? .infinity
-        let fresh = min(now + configuration.ttlSeconds, exp)
-        let stale = min(fresh + max(0, configuration.staleIfErrorSeconds), exp)
+    /// When an answer stops being fresh, and when it stops being usable even as stale, on the
+    /// monotonic clock: `min(ttl, exp − now)` from `uptime`.
+    private func lifetime(of info: TokenInfo, now: Double, uptime: Double) -> (fresh: Double, stale: Double) {
+        guard configuration.ttlSeconds > 0, configuration.maxEntries > 0 else { return (uptime, uptime) }
+        guard info.active else { return (uptime + configuration.negativeTTLSeconds, uptime + configuration.negativeTTLSeconds) }
+        let untilExp = info.exp.map { uptime + (Double($0) - now) } ?? .infinity
+        let fresh = min(uptime + configuration.ttlSeconds, untilExp)
+        let stale = min(fresh + max(0, configuration.staleIfErrorSeconds), untilExp)
         return (fresh, stale)
     }
 
@@ -187,16 +244,17 @@ public final class CachingTokenIntrospector: TokenIntrospector {
         configuration.staleIfErrorSeconds > 0 && !info.hasExpired(at: now)
     }
 
-    /// Removes one token's answer; returns whether it was cached.
+    /// Removes one token's answer and ends its lookup in flight for everyone (see the type's
+    /// documentation); returns whether an answer was cached.
     @discardableResult
     public func purge(_ digest: TokenDigest) -> Bool {
-        shards[digest.shard(of: shards.count)].state.withLockedValue { $0.entries.remove(digest) }
+        shards[digest.shard(of: shards.count)].state.withLockedValue { $0.remove(digest) }
     }
 
-    /// Empties the cache; returns how many answers it held.
+    /// Empties the cache and ends every lookup in flight; returns how many answers it held.
     @discardableResult
     public func purgeAll() -> Int {
-        shards.reduce(0) { total, shard in total + shard.state.withLockedValue { $0.entries.removeAll() } }
+        shards.reduce(0) { total, shard in total + shard.state.withLockedValue { $0.removeAll() } }
     }
 
     /// Calls the upstream introspector directly, bypassing the cache, with a token no AS knows:
@@ -205,8 +263,13 @@ public final class CachingTokenIntrospector: TokenIntrospector {
         _ = try? await upstream.introspect("authz-sidecar-readiness-probe")
     }
 
-    /// Cached answers (expired ones count until met).
+    /// Cached answers, active and inactive (expired ones count until met).
     public var count: Int {
+        shards.reduce(0) { total, shard in total + shard.state.withLockedValue { $0.entries.count + $0.negatives.count } }
+    }
+
+    /// Cached active answers.
+    public var activeCount: Int {
         shards.reduce(0) { total, shard in total + shard.state.withLockedValue { $0.entries.count } }
     }
 }
@@ -218,6 +281,7 @@ struct CacheMetrics: Sendable {
     let coalesced: Counter
     let evictions: Counter
     let staleServes: Counter
+    let purgedFlights: Counter
 
     init(factory: any MetricsFactory) {
         hits = Counter(label: "authz_cache_hits_total", factory: factory)
@@ -225,5 +289,6 @@ struct CacheMetrics: Sendable {
         coalesced = Counter(label: "authz_cache_coalesced_waits_total", factory: factory)
         evictions = Counter(label: "authz_cache_evictions_total", factory: factory)
         staleServes = Counter(label: "authz_cache_stale_serves_total", factory: factory)
+        purgedFlights = Counter(label: "authz_cache_purged_lookups_total", factory: factory)
     }
 }

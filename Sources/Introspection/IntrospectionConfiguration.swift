@@ -72,11 +72,20 @@ public struct CacheConfiguration: Sendable, Equatable {
     /// During an AS fault, an active answer whose TTL ran out at most this long ago (and whose
     /// `exp` has not passed) may still be served.
     public var staleIfErrorSeconds: Double
+    /// Bound on inactive answers, kept apart from active ones so that a flood of junk tokens
+    /// cannot evict the answers real clients use; nil = a tenth of `maxEntries` (at least 1).
+    public var maxNegativeEntries: Int?
 
-    public init(ttlSeconds: Double = 30, negativeTTLSeconds: Double = 5, maxEntries: Int = 100_000, staleIfErrorSeconds: Double = 0) {
+    public init(ttlSeconds: Double = 30, negativeTTLSeconds: Double = 5, maxEntries: Int = 100_000, staleIfErrorSeconds: Double = 0, maxNegativeEntries: Int? = nil) {
         self.ttlSeconds = ttlSeconds
         self.negativeTTLSeconds = negativeTTLSeconds
         self.maxEntries = maxEntries
         self.staleIfErrorSeconds = staleIfErrorSeconds
+        self.maxNegativeEntries = maxNegativeEntries
+    }
+
+    /// `maxNegativeEntries`, or its default.
+    public var effectiveMaxNegativeEntries: Int {
+        maxNegativeEntries ?? max(1, maxEntries / 10)
     }
 }
