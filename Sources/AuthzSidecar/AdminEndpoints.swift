@@ -1,3 +1,5 @@
+import Crypto
+import Foundation
 import HTTPTypes
 import Introspection
 import NIOCore
@@ -24,8 +26,23 @@ public struct AdminEndpoints: Sendable {
     }
 
     /// The reply for an admin path, or nil when the path is not one.
-    public func respond(method: HTTPRequest.Method, path: String, body: ByteBuffer?) -> Reply? {
+    /// - Parameters:
+    ///   - authorization: the request's `Authorization` header, for `server.admin_token_file`.
+    ///   - localListener: whether the listener is loopback or unix (DESIGN.md §4): without an
+    ///     admin token, `/admin/*` is served only there.
+    public func respond(method: HTTPRequest.Method, path: String, body: ByteBuffer?, authorization: String? = nil, localListener: Bool = true) -> Reply? {
         let path = path.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? path
+        if path.hasPrefix("/admin/") {
+            if let token = slot.current.configuration.server.adminToken {
+                guard Self.presents(token, authorization) else {
+                    var reply = Self.json(.unauthorized, #"{"error":"the admin endpoints need Authorization: Bearer <the token in server.admin_token_file>"}"#)
+                    reply.headers[.wwwAuthenticate] = #"Bearer realm="authz-sidecar-admin""#
+                    return reply
+                }
+            } else if !localListener {
+                return Self.json(.forbidden, #"{"error":"the admin endpoints are served only on a loopback or unix listener, or with server.admin_token_file"}"#)
+            }
+        }
         switch (method, path) {
         case (.get, "/healthz"), (.head, "/healthz"):
             return Self.text(.ok, "ok\n")
@@ -72,6 +89,20 @@ public struct AdminEndpoints: Sendable {
             return Self.json(.badRequest, Self.purgeUsage)
         }
         return Self.json(.ok, "{\"purged\":\(purged)}")
+    }
+
+    /// Whether `authorization` is `Bearer <token>`, compared in constant time (over SHA-256
+    /// digests, so neither the length nor a prefix of the token leaks through timing).
+    static func presents(_ token: Secret, _ authorization: String?) -> Bool {
+        guard let authorization else { return false }
+        let trimmed = authorization.trimmingCharacters(in: .whitespaces)
+        guard trimmed.utf8.count > 7, trimmed.prefix(7).lowercased() == "bearer " else { return false }
+        let presented = trimmed.dropFirst(7).trimmingCharacters(in: .whitespaces)
+        let a = SHA256.hash(data: Array(presented.utf8))
+        let b = SHA256.hash(data: Array(token.value.utf8))
+        var difference: UInt8 = 0
+        for (x, y) in zip(a, b) { difference |= x ^ y }
+        return difference == 0
     }
 
     static func text(_ status: HTTPResponse.Status, _ text: String) -> Reply {

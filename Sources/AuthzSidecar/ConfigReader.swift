@@ -19,6 +19,9 @@ final class ConfigProblems {
 }
 
 /// Reads one YAML mapping: typed values with defaults and ranges, and unknown keys reported.
+///
+/// Problems name the key and its position, never the text of a value or a line: a broken file
+/// may put a secret where a key or another value should be (DESIGN.md §8).
 final class MappingReader {
     let path: String
     private let mapping: Node.Mapping
@@ -51,6 +54,20 @@ final class MappingReader {
     }
 
     func key(_ name: String) -> String { path.isEmpty ? name : "\(path).\(name)" }
+
+    /// Whether a key found in the file may be printed: it looks like one of ours (lower-case
+    /// letters, digits and `_`, at most 40). Anything else may be a value that slid into a key's
+    /// place, so only its position is given.
+    static func nameable(_ name: String) -> Bool {
+        !name.isEmpty && name.utf8.count <= 40
+            && name.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == UInt8(ascii: "_") }
+    }
+
+    /// `line L, column C` of a node (1-based), or `an unknown position`.
+    static func position(_ node: Node) -> String {
+        guard let mark = node.mark else { return "an unknown position" }
+        return "line \(mark.line), column \(mark.column)"
+    }
 
     /// The node for `name`, or nil when absent or null.
     func node(_ name: String) -> Node? {
@@ -111,7 +128,7 @@ final class MappingReader {
         guard let text = string(name) else { return value }
         guard let parsed = Choice(rawValue: text) else {
             let allowed = Choice.allCases.map(\.rawValue).joined(separator: " | ")
-            problems.add(key(name), "must be one of \(allowed), not \"\(text)\"")
+            problems.add(key(name), "must be one of \(allowed)")
             return value
         }
         return parsed
@@ -143,7 +160,7 @@ final class MappingReader {
         for keyNode in mapping.keys {
             let name = keyNode.string ?? "?"
             if !known.contains(name) {
-                problems.add(key(name), "unknown key")
+                problems.add(Self.nameable(name) ? key(name) : path.isEmpty ? "(top level)" : path, "unknown key at \(Self.position(keyNode))")
             }
         }
     }

@@ -16,6 +16,8 @@ public struct DecisionServer: Service {
     struct Routes: Sendable {
         var decisions: AuthorizerSlot?
         var admin: AdminEndpoints?
+        /// The listener is loopback or unix: `/admin/*` may be served without a token (§4).
+        var localOnly = true
     }
 
     let address: ListenAddress
@@ -40,9 +42,16 @@ public struct DecisionServer: Service {
     public func run() async throws {
         let group = MultiThreadedEventLoopGroup.singleton
         let quiesce = ServerQuiescingHelper(group: group)
-        let routes = routes
+        var routes = routes
+        routes.localOnly = Loopback.isLocalOnly(address)
         let queue = queue
         let idleTimeout = TimeAmount.seconds(Int64(idleTimeoutSeconds))
+        // SwiftNIO's parser refuses more than 80 KiB of headers by itself; a larger
+        // max_header_bytes raises its limit, so the sidecar's own bound is the one that applies.
+        var limits = NIOHTTPDecoderLimitConfiguration()
+        let maxHeaderBytes = routes.decisions?.current.configuration.server.maxHeaderBytes ?? 0
+        limits.maxHeaderListSize = max(limits.maxHeaderListSize, maxHeaderBytes + 8192)
+        limits.maxHeaderFieldSize = max(limits.maxHeaderFieldSize, maxHeaderBytes + 8192)
         var bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -53,7 +62,9 @@ public struct DecisionServer: Service {
             }
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes)))
+                    try channel.pipeline.syncOperations.addHandler(
+                        ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, informationalResponseStrategy: .drop, limitConfiguration: limits))
+                    )
                     try channel.pipeline.syncOperations.addHandler(DecisionHandler(routes: routes, queue: queue, idleTimeout: idleTimeout))
                 }
             }
@@ -67,6 +78,12 @@ public struct DecisionServer: Service {
         }
         onBound(channel.localAddress?.port)
         logger.info("listening", metadata: ["authz.listen": "\(address)", "authz.serves": "\(routes.decisions == nil ? "admin" : routes.admin == nil ? "decisions" : "decisions+admin")"])
+        if let admin = routes.admin, !routes.localOnly, admin.slot.current.configuration.server.adminToken == nil {
+            logger.warning(
+                "this listener is not loopback: /admin/* is refused here (set server.admin_token_file, or use a loopback admin_listen)",
+                metadata: ["authz.listen": "\(address)"]
+            )
+        }
 
         let stopped = channel.eventLoop.makePromise(of: Void.self)
         let initiated = Atomic<Bool>(false)
@@ -94,29 +111,42 @@ public struct DecisionServer: Service {
 ///   wait in `queued` and no more is read from the socket;
 /// - a request the parser rejects gets a 400 and the connection is closed;
 /// - on graceful shutdown an idle connection is closed at once, a busy one after its answer;
-/// - `Connection: close` and HTTP/1.0 keep-alive are honoured; a HEAD answer has no body.
+/// - `Connection: close` and HTTP/1.0 keep-alive are honoured; a HEAD answer has no body;
+/// - a client that does not read its answers cannot grow the sidecar's memory: while the
+///   channel is not writable (its outbound buffer above NIO's high-water mark) nothing more is
+///   read or answered, requests already parsed wait in `queued` (at most `maxQueued`, then the
+///   connection is cut), and a connection that stays unwritable for the idle timeout is closed;
+/// - an admin request body over `maxBodyBytes` is refused with a 400, never cut and parsed.
 final class DecisionHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundIn = Never
     typealias OutboundOut = ByteBuffer
 
-    /// Admin request bodies (purge) are small; larger ones are cut off and refused.
+    /// Admin request bodies (purge) are small; larger ones are refused (400).
     static let maxBodyBytes = 16 * 1024
     /// Pipelined requests held while an earlier one waits for the AS. Proxies do not pipeline;
     /// a client that sends more than this is cut off.
     static let maxQueued = 64
     static let notFound = HTTP1Response(status: 404, headers: ["Content-Length": "0"])
     static let badRequest = HTTP1Response(status: 400, headers: ["Content-Length": "0"])
+    static let bodyTooLarge: HTTP1Response = {
+        let body = #"{"error":"request body larger than 16384 bytes"}"#
+        return HTTP1Response(
+            status: 400, headers: ["Content-Type": "application/json", "Content-Length": "\(body.utf8.count)"], body: ByteBuffer(string: body)
+        )
+    }()
 
     private let routes: DecisionServer.Routes
     private let queue: DecisionQueue
     private let idleTimeout: TimeAmount
     private var head: HTTPRequestHead?
     private var body: ByteBuffer?
+    /// The body of the request being read went over `maxBodyBytes`.
+    private var bodyTooLarge = false
     /// A request's answer is awaited from the `DecisionQueue`.
     private var answering = false
     /// Complete requests that arrived behind the one being answered.
-    private var queued = CircularBuffer<(head: HTTPRequestHead, body: ByteBuffer?)>(initialCapacity: 2)
+    private var queued = CircularBuffer<(head: HTTPRequestHead, body: ByteBuffer?, tooLarge: Bool)>(initialCapacity: 2)
     /// A `read` held back while answering, passed on once the answer is written.
     private var readHeld = false
     /// The next answer is the last: graceful shutdown, or a parse error behind it.
@@ -130,6 +160,13 @@ final class DecisionHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var waitingSince: NIODeadline?
     /// One timer per connection, re-armed lazily from `waitingSince`, not per request.
     private var idleTimer: Scheduled<Void>?
+    /// Closes the connection if it is still unwritable when it fires.
+    private var unwritableTimer: Scheduled<Void>?
+
+    /// Whether an answer may be written now: not while the client leaves earlier ones unread.
+    private func mayAnswer(_ context: ChannelHandlerContext) -> Bool {
+        !answering && context.channel.isWritable
+    }
 
     init(routes: DecisionServer.Routes, queue: DecisionQueue, idleTimeout: TimeAmount) {
         self.routes = routes
@@ -149,6 +186,8 @@ final class DecisionHandler: ChannelDuplexHandler, RemovableChannelHandler {
     func channelInactive(context: ChannelHandlerContext) {
         idleTimer?.cancel()
         idleTimer = nil
+        unwritableTimer?.cancel()
+        unwritableTimer = nil
         waitingSince = nil
         closing = true
         queued.removeAll()
@@ -181,34 +220,58 @@ final class DecisionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         case .head(let request):
             head = request
             body = nil
+            bodyTooLarge = false
         case .body(var chunk):
             if (body?.readableBytes ?? 0) + chunk.readableBytes <= Self.maxBodyBytes {
                 body.setOrWriteBuffer(&chunk)
+            } else {
+                bodyTooLarge = true
+                body = nil
             }
         case .end:
             guard let request = head else { return }
             head = nil
             let requestBody = body
+            let tooLarge = bodyTooLarge
             body = nil
-            if answering {
+            bodyTooLarge = false
+            if !mayAnswer(context) {
                 guard queued.count < Self.maxQueued else {
                     closing = true
                     context.close(promise: nil)
                     return
                 }
-                queued.append((request, requestBody))
+                queued.append((request, requestBody, tooLarge))
             } else {
-                serve(request, body: requestBody, context: context)
+                serve(request, body: requestBody, bodyTooLarge: tooLarge, context: context)
             }
         }
     }
 
     func read(context: ChannelHandlerContext) {
-        if answering {
+        if !mayAnswer(context) {
             readHeld = true
         } else {
             context.read()
         }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable {
+            unwritableTimer?.cancel()
+            unwritableTimer = nil
+            serveQueued(context: context)
+        } else if unwritableTimer == nil {
+            // The client does not read its answers: give it the idle timeout to start again.
+            unwritableTimer = context.eventLoop.assumeIsolated().scheduleTask(in: idleTimeout) {
+                self.unwritableTimer = nil
+                if !context.channel.isWritable {
+                    self.closing = true
+                    context.close(promise: nil)
+                }
+            }
+        }
+        context.fireChannelWritabilityChanged()
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -240,7 +303,7 @@ final class DecisionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         write(Self.badRequest, to: HTTPRequestHead(version: .http1_1, method: .GET, uri: "/"), context: context)
     }
 
-    private func serve(_ request: HTTPRequestHead, body: ByteBuffer?, context: ChannelHandlerContext) {
+    private func serve(_ request: HTTPRequestHead, body: ByteBuffer?, bodyTooLarge: Bool = false, context: ChannelHandlerContext) {
         waitingSince = nil  // being answered; the answer starts the next wait
         let target = request.uri
         if let authorizer = routes.decisions?.current,
@@ -263,8 +326,14 @@ final class DecisionHandler: ChannelDuplexHandler, RemovableChannelHandler {
             }
             return
         }
+        if routes.admin != nil, bodyTooLarge {
+            write(Self.bodyTooLarge, to: request, context: context)
+            return
+        }
         if let admin = routes.admin, let method = HTTPTypes.HTTPRequest.Method(request.method.rawValue),
-            let reply = admin.respond(method: method, path: target, body: body)
+            let reply = admin.respond(
+                method: method, path: target, body: body, authorization: request.headers.first(.authorization), localListener: routes.localOnly
+            )
         {
             var headers = HTTPHeaders(reply.headers.map { ($0.name.rawName, $0.value) })
             headers.add(name: "Content-Length", value: String(reply.body.readableBytes))
@@ -276,10 +345,10 @@ final class DecisionHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     /// Answers the requests that waited behind an answer from the queue, until one must wait too.
     private func serveQueued(context: ChannelHandlerContext) {
-        while !answering, !closing, let next = queued.popFirst() {
-            serve(next.head, body: next.body, context: context)
+        while mayAnswer(context), !closing, let next = queued.popFirst() {
+            serve(next.head, body: next.body, bodyTooLarge: next.tooLarge, context: context)
         }
-        if !answering, readHeld {
+        if mayAnswer(context), readHeld {
             readHeld = false
             context.read()
         }

@@ -23,6 +23,7 @@ extension SidecarConfiguration {
         line(2, "trust_policy_header", "\(server.trustPolicyHeader)")
         line(2, "max_header_bytes", "\(server.maxHeaderBytes)")
         line(2, "idle_timeout_seconds", "\(server.idleTimeoutSeconds)")
+        line(2, "admin_token_file", quoted(server.adminTokenFile))
         out += "introspection:\n"
         line(2, "endpoint", quoted(introspection.endpoint))
         line(2, "client_id", quoted(introspection.clientID))
@@ -41,6 +42,8 @@ extension SidecarConfiguration {
         line(2, "ttl_seconds", "\(cache.ttlSeconds)")
         line(2, "negative_ttl_seconds", "\(cache.negativeTTLSeconds)")
         line(2, "max_entries", "\(cache.maxEntries)")
+        // null = a tenth of max_entries (printed as null so that the output reads back the same)
+        line(2, "max_negative_entries", cache.maxNegativeEntries.map { "\($0)" } ?? "null")
         line(2, "stale_if_error_seconds", "\(cache.staleIfErrorSeconds)")
         out += "logging:\n"
         line(2, "level", logging.level)

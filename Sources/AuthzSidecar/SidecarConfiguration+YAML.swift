@@ -24,7 +24,7 @@ extension SidecarConfiguration {
         do {
             root = try Yams.compose(yaml: yaml)
         } catch {
-            throw ConfigurationError(problems: ["YAML syntax: \(error)"])
+            throw ConfigurationError(problems: [syntaxProblem(error)])
         }
         guard let root, let top = MappingReader.make(root, path: "", problems: problems) else {
             throw ConfigurationError(problems: problems.messages.isEmpty ? ["the configuration is empty"] : problems.messages)
@@ -41,10 +41,31 @@ extension SidecarConfiguration {
         return SidecarConfiguration(server: server, introspection: introspection, cache: cache, policies: policies, logging: logging)
     }
 
+    /// A YAML syntax error as position and libyaml's own words, never the source line: Yams's
+    /// description quotes the line, and the line may hold the client secret (DESIGN.md §8).
+    static func syntaxProblem(_ error: any Error) -> String {
+        func at(_ mark: Mark) -> String { "line \(mark.line), column \(mark.column)" }
+        func context(_ context: YamlError.Context?) -> String {
+            context.map { "\($0.text) (from \(at($0.mark))): " } ?? ""
+        }
+        guard let error = error as? YamlError else { return "YAML syntax error" }
+        switch error {
+        case .scanner(let ctx, let problem, let mark, _), .parser(let ctx, let problem, let mark, _), .composer(let ctx, let problem, let mark, _):
+            return "YAML syntax error at \(at(mark)): \(context(ctx))\(problem)"
+        case .reader(let problem, let offset, _, _):
+            return "YAML cannot be read at byte \(offset.map(String.init) ?? "?"): \(problem)"
+        case .duplicatedKeysInMapping(let duplicates, let ctx):
+            let names = duplicates.filter(MappingReader.nameable).sorted()
+            return "YAML duplicate key\(names.isEmpty ? "" : " " + names.joined(separator: ", ")) in the mapping at \(at(ctx.mark))"
+        default:
+            return "YAML syntax error"
+        }
+    }
+
     private static func listenAddress(_ reader: MappingReader, _ name: String) -> ListenAddress? {
         guard let text = reader.string(name) else { return nil }
         guard let address = ListenAddress(text) else {
-            reader.problems.add(reader.key(name), "must be host:port or unix:/absolute/path, not \"\(text)\"")
+            reader.problems.add(reader.key(name), "must be host:port or unix:/absolute/path")
             return nil
         }
         return address
@@ -57,8 +78,22 @@ extension SidecarConfiguration {
         server.adminListen = listenAddress(reader, "admin_listen")
         server.grpcListen = listenAddress(reader, "grpc_listen")
         server.trustPolicyHeader = reader.bool("trust_policy_header", default: false)
+        // Up to 1 MiB: the listener raises SwiftNIO's own 80 KiB parser limit to match.
         server.maxHeaderBytes = reader.int("max_header_bytes", default: 16384, range: 1024...1_048_576)
         server.idleTimeoutSeconds = reader.int("idle_timeout_seconds", default: 75, range: 1...3600)
+        if let file = reader.string("admin_token_file") {
+            server.adminTokenFile = file
+            if let text = try? String(contentsOfFile: file, encoding: .utf8) {
+                let token = text.trimmingCharacters(in: .whitespacesAndNewlines)
+                if token.utf8.count < 16 || token.utf8.contains(where: { $0 < 0x21 || $0 > 0x7E }) {
+                    problems.add(reader.key("admin_token_file"), "the token must be at least 16 printable ASCII characters without spaces")
+                } else {
+                    server.adminToken = Secret(token)
+                }
+            } else {
+                problems.add(reader.key("admin_token_file"), "cannot read the file it names")
+            }
+        }
         reader.reportUnknownKeys()
         return server
     }
@@ -93,7 +128,7 @@ extension SidecarConfiguration {
             if let text = try? String(contentsOfFile: file, encoding: .utf8) {
                 configuration.clientSecret = Secret(text.trimmingCharacters(in: .whitespacesAndNewlines))
             } else {
-                problems.add(reader.key("client_secret_file"), "cannot read \(file)")
+                problems.add(reader.key("client_secret_file"), "cannot read the file it names")
             }
         } else if let fromEnvironment = environment[clientSecretEnvironmentVariable], !fromEnvironment.isEmpty {
             configuration.clientSecret = Secret(fromEnvironment)
@@ -128,7 +163,7 @@ extension SidecarConfiguration {
         }
         for (name, file) in [("client_certificate_file", configuration.clientCertificateFile), ("client_key_file", configuration.clientKeyFile), ("ca_file", configuration.caFile)] {
             if let file, !FileManager.default.isReadableFile(atPath: file) {
-                problems.add(reader.key(name), "cannot read \(file)")
+                problems.add(reader.key(name), "cannot read the file it names")
             }
         }
         reader.reportUnknownKeys()
@@ -140,15 +175,14 @@ extension SidecarConfiguration {
         guard let components = URLComponents(string: endpoint), let scheme = components.scheme?.lowercased(),
             let host = components.host, !host.isEmpty
         else {
-            problems.add(key, "must be an absolute http(s) URL, not \"\(endpoint)\"")
+            problems.add(key, "must be an absolute http(s) URL")
             return
         }
         switch scheme {
         case "https":
             break
         case "http":
-            let loopback = host == "localhost" || host.hasPrefix("127.") || host == "::1" || host == "[::1]"
-            if !loopback, !configuration.insecure {
+            if !Loopback.isLoopback(host: host), !configuration.insecure {
                 problems.add(key, "plain http to a non-loopback host requires insecure: true")
             }
         default:
@@ -163,6 +197,9 @@ extension SidecarConfiguration {
         cache.negativeTTLSeconds = reader.number("negative_ttl_seconds", default: 5, range: 0...3_600)
         cache.maxEntries = reader.int("max_entries", default: 100_000, range: 1...50_000_000)
         cache.staleIfErrorSeconds = reader.number("stale_if_error_seconds", default: 0, range: 0...86_400)
+        if reader.node("max_negative_entries") != nil {
+            cache.maxNegativeEntries = reader.int("max_negative_entries", default: cache.effectiveMaxNegativeEntries, range: 1...50_000_000)
+        }
         reader.reportUnknownKeys()
         return cache
     }
@@ -198,8 +235,8 @@ extension SidecarConfiguration {
                 continue
             }
             if let policy = readPolicy(reader) {
-                if policies.contains(where: { $0.name == policy.name }) {
-                    problems.add(reader.key("name"), "\"\(policy.name)\" is used twice")
+                if let earlier = policies.firstIndex(where: { $0.name == policy.name }) {
+                    problems.add(reader.key("name"), "is the name of policies[\(earlier)] too")
                 }
                 policies.append(policy)
             }
@@ -223,7 +260,7 @@ extension SidecarConfiguration {
                 match.problems.add(match.key("path_prefix"), "must start with /")
             }
             policy.pathPrefix = prefix
-            policy.hosts = match.stringList("hosts").map { $0.lowercased() }
+            policy.hosts = match.stringList("hosts").map(HostName.entry)
             policy.methods = match.stringList("methods").map { $0.uppercased() }
             match.reportUnknownKeys()
         }
@@ -237,7 +274,7 @@ extension SidecarConfiguration {
             if HeaderName.isValid(header) {
                 policy.certificateHeader = header
             } else {
-                reader.problems.add(reader.key("certificate_header"), "\"\(header)\" is not a valid header name")
+                reader.problems.add(reader.key("certificate_header"), "is not a valid header name (letters, digits, - _ . only)")
             }
         }
         policy.certificateFormat = reader.choice("certificate_format", default: .auto)
@@ -245,8 +282,22 @@ extension SidecarConfiguration {
         policy.requireBoundToken = reader.bool("require_bound_token", default: false)
         policy.allowAnonymous = reader.bool("allow_anonymous", default: false)
         policy.forwardClaims = reader.stringList("forward_claims")
-        for (i, claim) in policy.forwardClaims.enumerated() where !HeaderName.isValid(claim) {
-            reader.problems.add("\(reader.key("forward_claims"))[\(i)]", "\"\(claim)\" cannot become a header name (letters, digits, - _ . only)")
+        var headerOwners: [String: Int] = [:]
+        for (i, claim) in policy.forwardClaims.enumerated() {
+            guard HeaderName.isValid(claim) else {
+                reader.problems.add("\(reader.key("forward_claims"))[\(i)]", "cannot become a header name (letters, digits, - _ . only)")
+                continue
+            }
+            // tenant_id and tenant-id both become X-Credential-Tenant-Id: which would the upstream see?
+            let header = HeaderName.credential(forClaim: claim).lowercased()
+            if let earlier = headerOwners[header] {
+                reader.problems.add(
+                    "\(reader.key("forward_claims"))[\(i)]",
+                    "\"\(claim)\" and forward_claims[\(earlier)] \"\(policy.forwardClaims[earlier])\" both become the header \(HeaderName.credential(forClaim: claim))"
+                )
+            } else {
+                headerOwners[header] = i
+            }
         }
         policy.hideCredentials = reader.bool("hide_credentials", default: false)
         policy.clockSkewSeconds = Int64(reader.int("clock_skew_seconds", default: 0, range: 0...3_600))

@@ -42,6 +42,11 @@ public struct ServerConfiguration: Sendable, Equatable {
     /// A connection is closed when no complete request head arrives within this many seconds of
     /// its start or of the previous answer (above nginx's 60 s upstream keepalive_timeout).
     public var idleTimeoutSeconds: Int
+    /// `admin_token_file`: where the admin bearer token was read from, and the token. With it,
+    /// `/admin/*` needs `Authorization: Bearer <token>` on every listener; without it, `/admin/*`
+    /// is served only on a loopback or unix listener (DESIGN.md §4).
+    public var adminTokenFile: String?
+    public var adminToken: Secret?
 
     public init(
         listen: ListenAddress = .tcp(host: "127.0.0.1", port: 9191),
@@ -49,7 +54,9 @@ public struct ServerConfiguration: Sendable, Equatable {
         grpcListen: ListenAddress? = nil,
         trustPolicyHeader: Bool = false,
         maxHeaderBytes: Int = 16384,
-        idleTimeoutSeconds: Int = 75
+        idleTimeoutSeconds: Int = 75,
+        adminTokenFile: String? = nil,
+        adminToken: Secret? = nil
     ) {
         self.listen = listen
         self.adminListen = adminListen
@@ -57,6 +64,8 @@ public struct ServerConfiguration: Sendable, Equatable {
         self.trustPolicyHeader = trustPolicyHeader
         self.maxHeaderBytes = maxHeaderBytes
         self.idleTimeoutSeconds = idleTimeoutSeconds
+        self.adminTokenFile = adminTokenFile
+        self.adminToken = adminToken
     }
 }
 

@@ -39,6 +39,10 @@ struct LiveClient: Sendable {
     }
 }
 
+enum LiveSidecarError: Error {
+    case neverListened
+}
+
 /// Runs a sidecar (its real NIO listener, queue and services) on a loopback port for `body`.
 func withLiveSidecar(
     configuration: SidecarConfiguration,
@@ -58,7 +62,10 @@ func withLiveSidecar(
     try await withThrowingTaskGroup(of: Void.self) { tasks in
         tasks.addTask { try await group.run() }
         var iterator = ports.makeAsyncIterator()
-        guard let port = await iterator.next() else { return }
+        guard let port = await iterator.next() else {
+            // The sidecar stopped before it listened: the test did not run, so it must not pass.
+            throw LiveSidecarError.neverListened
+        }
         let http = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup)
         do {
             try await body(LiveClient(http: http, port: port, shutdown: { await group.triggerGracefulShutdown() }), sidecar)
