@@ -145,7 +145,7 @@ public final class Authorizer: Sendable {
     }
 
     /// The policy a request selects, or why it selects none (DESIGN.md §5.1).
-    enum Selection {
+    public enum Selection {
         case selected(PolicyEvaluation)
         case refused(Denial)
     }
@@ -153,7 +153,7 @@ public final class Authorizer: Sendable {
     /// The policy the proxy named (the front end passes a hint only from a trusted source), else
     /// the first policy that matches under every reading of the path. A named policy that does not
     /// exist matches nothing.
-    func select(for request: AccessRequest) -> Selection {
+    public func select(for request: AccessRequest) -> Selection {
         if request.originalURIMissing {
             return .refused(Denial(.missingOriginalURI, detail: "proxy misconfiguration: an nginx-form /authz request without X-Original-URI"))
         }

@@ -10,13 +10,16 @@
 /// - **lenient**: the same after also decoding `%2F` and `%5C`, reading `\` as `/` and dropping
 ///   `;…` from every segment;
 /// - **parameters**: the strict reading with `;…` dropped from every segment and `\` read as `/`,
-///   but `%2F` kept (a servlet container that refuses encoded slashes but strips parameters).
+///   but `%2F` kept (a servlet container that refuses encoded slashes but strips parameters);
+/// - **unmerged**: the strict reading with dot segments resolved before `//` is merged, as RFC 3986
+///   §5.2.4 does (and Envoy's `normalize_path` without `merge_slashes`): `/a//../b` is `/a/b`
+///   there and `/b` for readers that merge first.
 ///
 /// A path whose dot segments climb above the root, that holds a control character or `%00`
 /// (raw or encoded), or that is neither origin-form nor absolute-form, has no safe reading and
 /// is refused. Only one level of percent-decoding is ever applied (`%252F` is the text `%2F`).
 public enum PathReadings: Sendable, Equatable {
-    /// The readings (1 when they are all the same text, the common case; else 2 or 3).
+    /// The readings (1 when they are all the same text, the common case; else up to 4).
     case readings(Readings)
     /// No reading is safe; the text says why (for the log, never echoing the path).
     case refused(String)
@@ -47,14 +50,15 @@ public enum PathReadings: Sendable, Equatable {
             break
         }
         let bytes = Array(path.utf8)
-        guard let strict = Self.read(bytes, decodeSlashes: false, dropParameters: false),
-            let lenient = Self.read(bytes, decodeSlashes: true, dropParameters: true),
-            let parameters = Self.read(bytes, decodeSlashes: false, dropParameters: true)
+        guard let strict = Self.read(bytes, decodeSlashes: false, dropParameters: false, mergeFirst: true),
+            let lenient = Self.read(bytes, decodeSlashes: true, dropParameters: true, mergeFirst: true),
+            let parameters = Self.read(bytes, decodeSlashes: false, dropParameters: true, mergeFirst: true),
+            let unmerged = Self.read(bytes, decodeSlashes: false, dropParameters: false, mergeFirst: false)
         else {
             return .refused("dot segments climb above the root")
         }
         var others: [Substring] = []
-        for reading in [lenient, parameters] where reading != strict && !others.contains(reading) {
+        for reading in [lenient, parameters, unmerged] where reading != strict && !others.contains(reading) {
             others.append(reading)
         }
         return .readings(Readings(strict: strict, others: others))
@@ -101,7 +105,7 @@ public enum PathReadings: Sendable, Equatable {
     }
 
     /// One reading; nil when its dot segments climb above the root.
-    private static func read(_ bytes: [UInt8], decodeSlashes: Bool, dropParameters: Bool) -> Substring? {
+    private static func read(_ bytes: [UInt8], decodeSlashes: Bool, dropParameters: Bool, mergeFirst: Bool) -> Substring? {
         // 1. decode: unreserved always, `%2F` / `%5C` / `\` only when reading slashes leniently
         var decoded: [UInt8] = []
         decoded.reserveCapacity(bytes.count)
@@ -144,14 +148,16 @@ public enum PathReadings: Sendable, Equatable {
                 segments.removeLast()
                 if last { segments.append([]) }
             } else if part.isEmpty {
-                if last, index > 0 { segments.append([]) }  // a trailing slash is kept; `//` merged
+                // a trailing slash is kept; `//` is merged before dot segments are resolved, or
+                // kept as an empty segment (that `..` may remove) and merged after
+                if index > 0, last || !mergeFirst { segments.append([]) }
             } else {
                 segments.append(part)
             }
         }
         var out: [UInt8] = []
         out.reserveCapacity(decoded.count + 1)
-        for segment in segments {
+        for (index, segment) in segments.enumerated() where !segment.isEmpty || index == segments.count - 1 {
             out.append(UInt8(ascii: "/"))
             out.append(contentsOf: segment)
         }
