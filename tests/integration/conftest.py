@@ -176,8 +176,8 @@ class Sidecar:
     """A running authz-sidecar (serve --config)."""
 
     def __init__(self, workdir: Path, config: dict, env: "dict | None" = None, name: str = "sidecar",
-                 health_base: "str | None" = None):
-        self.port = stack.free_port()
+                 health_base: "str | None" = None, port: "int | None" = None):
+        self.port = port or stack.free_port()
         config = dict(config)
         config["server"] = {**config.get("server", {}), "listen": f"127.0.0.1:{self.port}"}
         workdir.mkdir(parents=True, exist_ok=True)
@@ -336,9 +336,12 @@ class FakeAuthorizationServer:
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
+                # The answer is what the AS knows when the call arrives: a slow call still in
+                # flight answers that, even if a test changes the token meanwhile.
+                answer = json.dumps(fake.tokens.get(token, {"active": False})).encode()
                 if mode == "slow":
                     time.sleep(fake.delay)
-                self._send(200, json.dumps(fake.tokens.get(token, {"active": False})).encode())
+                self._send(200, answer)
 
         return Handler
 

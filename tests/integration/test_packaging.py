@@ -171,10 +171,14 @@ def realm() -> dict:
 
 @pytest.fixture(scope="module")
 def k8s() -> dict:
-    docs = {}
+    """The manifests by kind; k8s["Secret"] maps each Secret's name to it."""
+    docs: dict = {"Secret": {}}
     for f in ("deployment.yaml", "configmap.yaml", "secret.example.yaml", "service.yaml"):
         for d in load_yaml_all(K8S / f):
-            docs[d["kind"]] = d
+            if d["kind"] == "Secret":
+                docs["Secret"][d["metadata"]["name"]] = d
+            else:
+                docs[d["kind"]] = d
     return docs
 
 
@@ -515,9 +519,18 @@ def test_kubernetes_manifests(k8s, k8s_config):
     # Secret -> AUTHZ_INTROSPECTION_CLIENT_SECRET; the ConfigMap -> /etc/authz-sidecar/config.yaml.
     env = {e["name"]: e for e in sc["env"]}
     ref = env["AUTHZ_INTROSPECTION_CLIENT_SECRET"]["valueFrom"]["secretKeyRef"]
-    secret = k8s["Secret"]
-    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    secret = k8s["Secret"][ref["name"]]
+    assert ref["key"] in secret["stringData"]
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    # server.admin_token_file: a key of a Secret mounted (read-only) in that file's directory,
+    # readable by the sidecar's group only (fsGroup + mode 0440)
+    token_file = Path(k8s_config["server"]["admin_token_file"])
+    [admin_mount] = [m for m in sc["volumeMounts"] if m["mountPath"] == str(token_file.parent)]
+    admin_volume = volumes[admin_mount["name"]]["secret"]
+    assert admin_mount["readOnly"] is True
+    assert token_file.name in k8s["Secret"][admin_volume["secretName"]]["stringData"]
+    assert admin_volume["defaultMode"] == 0o440 and pod["spec"]["securityContext"]["fsGroup"] == 10001
+    assert set(k8s["Secret"]) == {ref["name"], admin_volume["secretName"]}
     [mount] = [m for m in sc["volumeMounts"] if volumes[m["name"]].get("configMap", {}).get("name")
                == k8s["ConfigMap"]["metadata"]["name"]]
     config_path = env["AUTHZ_CONFIG"]["value"]
@@ -544,9 +557,16 @@ def test_kubernetes_manifests(k8s, k8s_config):
 
 def test_kubernetes_configmap_passes_check_config(k8s, tmp_path):
     path = tmp_path / "config.yaml"
-    path.write_text(k8s["ConfigMap"]["data"]["config.yaml"])
+    text = k8s["ConfigMap"]["data"]["config.yaml"]
+    # the admin token file is a mounted Secret in the pod: stand one in for it here
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("test-admin-token\n")
+    deployed = "admin_token_file: /etc/authz-sidecar-admin/token"
+    assert text.count(deployed) == 1, "server.admin_token_file is not the mounted Secret's file"
+    path.write_text(text.replace(deployed, f"admin_token_file: {token_file}"))
     out = check_config(path)
     assert out.returncode == 0, out.stderr
+    assert "test-admin-token" not in out.stdout + out.stderr
 
 
 # ---------------------------------------------------------------------------------------------
