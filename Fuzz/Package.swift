@@ -13,6 +13,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     dependencies: [
         .package(name: "authz-sidecar", path: ".."),
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),
     ],
     targets: [
         .executableTarget(name: "FuzzBearer", dependencies: [sidecar]),
@@ -20,5 +21,6 @@ let package = Package(
         .executableTarget(name: "FuzzXFCC", dependencies: [sidecar]),
         .executableTarget(name: "FuzzIntrospectionResponse", dependencies: [introspection]),
         .executableTarget(name: "FuzzConfig", dependencies: [sidecar]),
+        .executableTarget(name: "FuzzPaths", dependencies: [sidecar, introspection, .product(name: "NIOHTTP1", package: "swift-nio")]),
     ]
 )

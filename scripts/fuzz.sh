@@ -2,8 +2,9 @@
 # scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...] - build the libFuzzer targets in Fuzz/ and run
 # each for SECONDS_PER_TARGET (default 600), one after another on one core.
 #
-#   TARGET: FuzzBearer FuzzCertificate FuzzXFCC FuzzIntrospectionResponse (the default: the
-#           parsers of untrusted input), FuzzConfig (operator YAML), or "all" for the five.
+#   TARGET: FuzzBearer FuzzCertificate FuzzXFCC FuzzIntrospectionResponse FuzzPaths (the
+#           default: the parsers of untrusted input), FuzzConfig (operator YAML), or "all" for
+#           the six.
 #
 # Seeds come from Fuzz/corpus/<Target> (committed, small); the run works on a copy in
 # $SCRATCH/corpus-work/<Target> (kept between runs), crash/timeout/oom inputs land in
@@ -29,7 +30,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SCRATCH=${FUZZ_SCRATCH:-$ROOT/.build-fuzz}
 SECONDS_PER_TARGET=${1:-600}
 [[ $# -gt 0 ]] && shift
-DEFAULT_TARGETS=(FuzzBearer FuzzCertificate FuzzXFCC FuzzIntrospectionResponse)
+DEFAULT_TARGETS=(FuzzBearer FuzzCertificate FuzzXFCC FuzzIntrospectionResponse FuzzPaths)
 ALL_TARGETS=("${DEFAULT_TARGETS[@]}" FuzzConfig)
 if [[ $# -eq 0 ]]; then
     TARGETS=("${DEFAULT_TARGETS[@]}")
@@ -48,6 +49,7 @@ max_len() {
         FuzzXFCC) echo 16384 ;;
         FuzzIntrospectionResponse) echo 65536 ;;  # IntrospectionConfiguration.maxResponseBytes 64 KiB
         FuzzConfig) echo 16384 ;;
+        FuzzPaths) echo 4096 ;;
         *) echo "unknown target $1 (known: ${ALL_TARGETS[*]})" >&2; return 1 ;;
     esac
 }

@@ -291,9 +291,10 @@ extension SidecarConfiguration {
             // tenant_id and tenant-id both become X-Credential-Tenant-Id: which would the upstream see?
             let header = HeaderName.credential(forClaim: claim).lowercased()
             if let earlier = headerOwners[header] {
+                // Named by index: a value is never echoed (it may be a secret in the wrong place).
                 reader.problems.add(
                     "\(reader.key("forward_claims"))[\(i)]",
-                    "\"\(claim)\" and forward_claims[\(earlier)] \"\(policy.forwardClaims[earlier])\" both become the header \(HeaderName.credential(forClaim: claim))"
+                    "becomes the same X-Credential-* header as \(reader.key("forward_claims"))[\(earlier)] (_ . and - all become -)"
                 )
             } else {
                 headerOwners[header] = i

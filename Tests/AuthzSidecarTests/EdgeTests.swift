@@ -205,7 +205,7 @@ struct AdminAndConfigEdgeTests {
             _ = try SidecarConfiguration.parse(yaml: yaml)
             Issue.record("accepted colliding forward_claims")
         } catch let error as ConfigurationError {
-            #expect(error.problems.contains { $0.contains("tenant-id") && $0.contains("tenant_id") && $0.contains("X-Credential-Tenant-Id") }, "\(error.problems)")
+            #expect(error.problems.contains { $0.contains("policies[0].forward_claims[2]") && $0.contains("policies[0].forward_claims[0]") }, "\(error.problems)")
         } catch {
             Issue.record("unexpected \(error)")
         }

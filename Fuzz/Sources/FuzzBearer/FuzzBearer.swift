@@ -17,12 +17,16 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     let isBlank = { (c: UInt8) in c == 0x20 || c == 0x09 }
     let schemeStart = utf8.firstIndex { !isBlank($0) } ?? utf8.count
     let schemeEnd = utf8[schemeStart...].firstIndex(where: isBlank) ?? utf8.count
-    let isBearer = String(decoding: utf8[schemeStart..<schemeEnd], as: UTF8.self).lowercased() == "bearer"
+    let scheme = String(decoding: utf8[schemeStart..<schemeEnd], as: UTF8.self).lowercased()
+    let isBearer = scheme == "bearer"
+    let isDPoP = scheme == "dpop"
     let tooLong = utf8.count > BearerToken.maxLength + 64
 
     switch parsed {
     case .missing:
-        check(!isBearer && !tooLong, "a Bearer (or overlong) header read as missing")
+        check(!isBearer && !isDPoP && !tooLong, "a Bearer, DPoP (or overlong) header read as missing")
+    case .dpop:
+        check(isDPoP && !tooLong, "a header whose scheme is not DPoP read as DPoP")
     case .malformed(let why):
         check(!why.isEmpty, "malformed without a reason")
         check(isBearer || tooLong, "a non-Bearer header read as malformed")
@@ -39,7 +43,7 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     let many = BearerToken.parse(values)
     if values.count > 1 {
         switch many {
-        case .token: fatalError("a token from \(values.count) Authorization headers")
+        case .token, .dpop: fatalError("a token from \(values.count) Authorization headers")
         case .missing:
             check(values.allSatisfy { BearerToken.parse($0) == .missing }, "several headers read as missing although one is Bearer")
         case .malformed:

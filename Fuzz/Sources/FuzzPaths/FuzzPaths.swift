@@ -1,0 +1,72 @@
+// Fuzzes the path readings and the policy selection (DESIGN.md §5.1): the input is the original
+// path (the Envoy form's path after /authz, or nginx's X-Original-URI).
+// Invariants: every reading is a clean absolute path (starts with "/", no "//", no "." or ".."
+// segment, no control character) and reads back as itself; if the sidecar selects policy P, each
+// reading, asked about on its own, selects P too; if it finds no policy, no reading selects one.
+import AuthzSidecar
+import Introspection
+import NIOHTTP1
+
+let configuration = try! SidecarConfiguration.parse(yaml: """
+    introspection: { endpoint: http://127.0.0.1:1/introspect, client_id: c, client_secret: s }
+    policies:
+      - { name: public, match: { path_prefix: /public/ }, allow_anonymous: true }
+      - { name: admin, match: { path_prefix: /admin-api/ }, required_scopes: [admin] }
+      - { name: api, match: { path_prefix: /api/v1/ }, required_scopes: [api] }
+      - { name: files, match: { path_prefix: /files } }
+    """)
+let authorizer = Authorizer(
+    configuration: configuration,
+    cache: CachingTokenIntrospector(upstream: ClosureTokenIntrospector { _ in .inactive }, configuration: configuration.cache)
+)
+
+func selected(_ path: String) -> String?? {
+    let request = AccessRequest(front: .envoyHTTP, method: "GET", path: path, host: "h", headers: HTTPHeaders())
+    switch authorizer.select(for: request) {
+    case .selected(let evaluation): return .some(evaluation.policy.name)
+    case .refused(let denial): return denial.reason == .noPolicy ? .some(nil) : nil  // nil: refused
+    }
+}
+
+@_cdecl("LLVMFuzzerTestOneInput")
+public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
+    let path = String(decoding: UnsafeBufferPointer(start: data, count: size), as: UTF8.self)
+    guard case .readings(let readings) = PathReadings.of(path[...]) else { return 0 }
+    for reading in readings.all {
+        let text = String(reading)
+        check(text.hasPrefix("/"), "reading \(text.debugDescription) is not absolute")
+        check(!text.contains("//"), "reading \(text.debugDescription) holds //")
+        check(!text.unicodeScalars.contains { $0.value < 0x20 || $0.value == 0x7F }, "reading holds a control character")
+        let segments = text.split(separator: "/", omittingEmptySubsequences: false)
+        check(!segments.contains { $0 == "." || $0 == ".." }, "reading \(text.debugDescription) holds a dot segment")
+    }
+    check(PathReadings.of(readings.strict).readingsStrict == readings.strict, "the strict reading does not read back as itself")
+    switch selected(path) {
+    case .some(.some(let policy)):
+        for reading in readings.all {
+            let again = selected(String(reading))
+            check(again == .some(.some(policy)), "\(path.debugDescription) selects \(policy), its reading \(reading) selects \(String(describing: again))")
+        }
+    case .some(.none):
+        for reading in readings.all {
+            if case .some(.some(let policy)) = selected(String(reading)) {
+                fatalError("invariant violated: \(path.debugDescription) selects no policy, its reading \(reading) selects \(policy)")
+            }
+        }
+    case .none:
+        break
+    }
+    return 0
+}
+
+extension PathReadings {
+    var readingsStrict: Substring? {
+        if case .readings(let readings) = self { return readings.strict }
+        return nil
+    }
+}
+
+@inline(never)
+func check(_ condition: @autoclosure () -> Bool, _ message: @autoclosure () -> String) {
+    if !condition() { fatalError("invariant violated: \(message())") }
+}
