@@ -9,7 +9,8 @@
 # In a container the listeners must not stay on 127.0.0.1 unless the proxy shares the network
 # namespace (a Kubernetes pod): e.g. listen: 0.0.0.0:9191, admin_listen: 0.0.0.0:9090 (see
 # deploy/compose/sidecar.yaml). Ports: 9191 decisions (server.listen), 9192 Envoy gRPC ext_authz
-# (server.grpc_listen, when set), 9090 /healthz /readyz /metrics /admin/* (server.admin_listen).
+# (server.grpc_listen, when set), 9090 /healthz /readyz /metrics (server.admin_listen). 0.0.0.0 is
+# not loopback: /admin/* answers 403 there unless server.admin_token_file is set.
 #
 # Build arguments: SWIFT_IMAGE (the toolchain image; the dependencies' manifests need Swift >= 6.2,
 # and Package.resolved is not committed, so the newest allowed versions are resolved unless one is
