@@ -37,7 +37,9 @@ public enum PathReadings: Sendable, Equatable {
     public static func of(_ target: Substring) -> PathReadings {
         var path = target.utf8.firstIndex(where: { $0 == UInt8(ascii: "?") || $0 == UInt8(ascii: "#") }).map { target[..<$0] } ?? target
         // Absolute-form (`GET http://host/path`): nginx passes it in $request_uri as sent.
-        if !path.hasPrefix("/") {
+        // Bytes, not Characters, throughout: "/" followed by a combining mark is one Character
+        // that is not "/", but a backend reads the byte.
+        if path.utf8.first != UInt8(ascii: "/") {
             guard let rest = Self.afterAuthority(path) else { return .refused("the path is not origin-form or absolute-form") }
             path = rest
         }
@@ -168,18 +170,18 @@ public enum PathReadings: Sendable, Equatable {
     /// The path of an absolute-form target (`http://host[:port]/path`), `/` when it has none; nil
     /// when the target is not one.
     private static func afterAuthority(_ target: Substring) -> Substring? {
-        let lower = target.prefix(8).lowercased()
+        let lower = target.utf8.prefix(8).map(ASCII.lowercased)
         let schemeLength: Int
-        if lower.hasPrefix("http://") {
+        if lower.starts(with: "http://".utf8) {
             schemeLength = 7
-        } else if lower.hasPrefix("https://") {
+        } else if lower.starts(with: "https://".utf8) {
             schemeLength = 8
         } else {
             return nil
         }
-        let authority = target.dropFirst(schemeLength)
-        guard let slash = authority.firstIndex(of: "/") else { return "/" }
-        return authority[slash...]
+        let authority = target.utf8.dropFirst(schemeLength)
+        guard let slash = authority.firstIndex(of: UInt8(ascii: "/")) else { return "/" }
+        return target[slash...]
     }
 
     static func isUnreserved(_ c: UInt8) -> Bool {
@@ -197,14 +199,17 @@ public enum PathReadings: Sendable, Equatable {
 public enum HostName {
     /// The host without its port, lower-cased, one trailing dot removed.
     public static func normalized(_ host: Substring) -> Substring {
+        // Bytes, not Characters (see `PathReadings.of`).
         var bare = host
-        if bare.hasPrefix("[") {
+        if bare.utf8.first == UInt8(ascii: "[") {
             // IPv6 literal: `[::1]:443`
-            if let close = bare.firstIndex(of: "]") { bare = bare[...close] }
-        } else if let colon = bare.lastIndex(of: ":"), bare[bare.index(after: colon)...].utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) {
+            if let close = bare.utf8.firstIndex(of: UInt8(ascii: "]")) { bare = bare[...close] }
+        } else if let colon = bare.utf8.lastIndex(of: UInt8(ascii: ":")),
+            bare.utf8[bare.utf8.index(after: colon)...].allSatisfy({ $0 >= 0x30 && $0 <= 0x39 })
+        {
             bare = bare[..<colon]
         }
-        if bare.hasSuffix(".") { bare = bare.dropLast() }
+        if bare.utf8.last == UInt8(ascii: ".") { bare = bare[..<bare.utf8.index(before: bare.utf8.endIndex)] }
         if bare.utf8.contains(where: { $0 >= UInt8(ascii: "A") && $0 <= UInt8(ascii: "Z") }) {
             return Substring(bare.lowercased())
         }

@@ -115,8 +115,8 @@ struct HostKey: Sendable {
 
     init(_ host: Substring) {
         bare = HostName.normalized(host)
-        if let colon = host.lastIndex(of: ":"), !host[colon...].contains("]"), host.index(after: colon) != host.endIndex,
-            host[host.index(after: colon)...].utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 })
+        if let colon = host.utf8.lastIndex(of: UInt8(ascii: ":")), host.utf8.index(after: colon) != host.utf8.endIndex,
+            host.utf8[host.utf8.index(after: colon)...].allSatisfy({ $0 >= 0x30 && $0 <= 0x39 })
         {
             withPort = Substring("\(bare)\(host[colon...])")
         } else {

@@ -25,6 +25,10 @@ struct RequestPathTests {
         ("/a%252Fb", "/a%252Fb"),
         ("http://h.example/admin-api/x", "/admin-api/x"),
         ("HTTPS://h.example:8443", "/"),
+        // found by FuzzPaths: "/" and a combining mark are one Character; paths are bytes
+        ("//\u{34E}", "/\u{34E}"),
+        ("/\u{34E}admin-api/x", "/\u{34E}admin-api/x"),
+        ("http://h/\u{34E}admin-api/x", "/\u{34E}admin-api/x"),
     ])
     func normalized(raw: String, expected: String) throws {
         guard case .readings(let readings) = PathReadings.of(raw[...]) else {
@@ -84,6 +88,7 @@ struct RequestPathTests {
     @Test("host names: lower-cased, port and one trailing dot dropped", arguments: [
         ("admin.example", "admin.example"), ("Admin.Example.", "admin.example"), ("admin.example.:443", "admin.example"),
         ("ADMIN.EXAMPLE:8443", "admin.example"), ("[::1]:443", "[::1]"), ("admin.example..", "admin.example."),
+        ("admin.example:\u{301}443", "admin.example:\u{301}443"), ("admin.example.\u{301}", "admin.example.\u{301}"),
     ])
     func hosts(raw: String, expected: String) {
         #expect(HostName.normalized(raw[...]) == expected[...])
