@@ -17,7 +17,8 @@
 ///
 /// A path whose dot segments climb above the root, that holds a control character or `%00`
 /// (raw or encoded), or that is neither origin-form nor absolute-form, has no safe reading and
-/// is refused. Only one level of percent-decoding is ever applied (`%252F` is the text `%2F`).
+/// is refused. Only one level of percent-decoding is ever applied (`%252F` is the text `%2F`), and
+/// a `%` that starts no escape is read as `%25` (so `%2%46` is the text `%2F`, not a slash).
 public enum PathReadings: Sendable, Equatable {
     /// The readings (1 when they are all the same text, the common case; else up to 4).
     case readings(Readings)
@@ -125,6 +126,14 @@ public enum PathReadings: Sendable, Equatable {
                     decoded.append(contentsOf: [UInt8(ascii: "%"), upperHex(hi), upperHex(lo)])
                 }
                 i += 3
+                continue
+            }
+            if byte == UInt8(ascii: "%") {
+                // A `%` that starts no escape is written as `%25`, so that decoding cannot make a
+                // new escape out of it (`%2%46` is the text `%2F`, never a slash) and every
+                // reading is canonical: reading it again gives it back.
+                decoded.append(contentsOf: [UInt8(ascii: "%"), UInt8(ascii: "2"), UInt8(ascii: "5")])
+                i += 1
                 continue
             }
             if byte == UInt8(ascii: "\\"), dropParameters || decodeSlashes {
