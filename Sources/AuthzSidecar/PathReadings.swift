@@ -11,6 +11,8 @@
 ///   `;…` from every segment;
 /// - **parameters**: the strict reading with `;…` dropped from every segment and `\` read as `/`,
 ///   but `%2F` kept (a servlet container that refuses encoded slashes but strips parameters);
+/// - **servlet**: `;…` dropped from every segment of the raw path first, then `%2F`, `%5C` and `\`
+///   read as `/` (Tomcat's order with encoded slashes allowed: `..%2F;x` is `../`);
 /// - **unmerged**: the strict reading with dot segments resolved before `//` is merged, as RFC 3986
 ///   §5.2.4 does (and Envoy's `normalize_path` without `merge_slashes`): `/a//../b` is `/a/b`
 ///   there and `/b` for readers that merge first.
@@ -20,7 +22,7 @@
 /// is refused. Only one level of percent-decoding is ever applied (`%252F` is the text `%2F`), and
 /// a `%` that starts no escape is read as `%25` (so `%2%46` is the text `%2F`, not a slash).
 public enum PathReadings: Sendable, Equatable {
-    /// The readings (1 when they are all the same text, the common case; else up to 4).
+    /// The readings (1 when they are all the same text, the common case; else up to 5).
     case readings(Readings)
     /// No reading is safe; the text says why (for the log, never echoing the path).
     case refused(String)
@@ -56,12 +58,13 @@ public enum PathReadings: Sendable, Equatable {
         guard let strict = Self.read(bytes, decodeSlashes: false, dropParameters: false, mergeFirst: true),
             let lenient = Self.read(bytes, decodeSlashes: true, dropParameters: true, mergeFirst: true),
             let parameters = Self.read(bytes, decodeSlashes: false, dropParameters: true, mergeFirst: true),
-            let unmerged = Self.read(bytes, decodeSlashes: false, dropParameters: false, mergeFirst: false)
+            let unmerged = Self.read(bytes, decodeSlashes: false, dropParameters: false, mergeFirst: false),
+            let servlet = Self.read(Self.withoutParameters(bytes), decodeSlashes: true, dropParameters: false, mergeFirst: true)
         else {
             return .refused("dot segments climb above the root")
         }
         var others: [Substring] = []
-        for reading in [lenient, parameters, unmerged] where reading != strict && !others.contains(reading) {
+        for reading in [lenient, parameters, unmerged, servlet] where reading != strict && !others.contains(reading) {
             others.append(reading)
         }
         return .readings(Readings(strict: strict, others: others))
@@ -105,6 +108,22 @@ public enum PathReadings: Sendable, Equatable {
             i = utf8.index(after: i)
         }
         return result
+    }
+
+    /// The raw path with `;…` cut from every segment, segments split on raw `/` only.
+    private static func withoutParameters(_ bytes: [UInt8]) -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(bytes.count)
+        var inParameters = false
+        for byte in bytes {
+            if byte == UInt8(ascii: "/") {
+                inParameters = false
+            } else if byte == UInt8(ascii: ";") {
+                inParameters = true
+            }
+            if !inParameters { out.append(byte) }
+        }
+        return out
     }
 
     /// One reading; nil when its dot segments climb above the root.

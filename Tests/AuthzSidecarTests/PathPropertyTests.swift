@@ -62,7 +62,8 @@ enum BackendModel {
         return out
     }
 
-    /// (reading, climbed) for: merge-then-resolve, resolve-then-merge, and a servlet container.
+    /// (reading, climbed) for: merge-then-resolve, resolve-then-merge, a servlet container that
+    /// decodes before cutting parameters, and Tomcat, which cuts them first.
     static func readings(_ path: String) -> [(String, Bool)] {
         let strict = decodeUnreserved(path)
         let mergedFirst = removeDotSegments(mergeSlashes(strict))
@@ -72,7 +73,15 @@ enum BackendModel {
         servlet = decodeUnreserved(servlet.replacingOccurrences(of: "\\", with: "/"))
         servlet = servlet.replacingOccurrences(of: #";[^/]*"#, with: "", options: .regularExpression)
         let servletRead = removeDotSegments(mergeSlashes(servlet))
-        return [(mergeSlashes(mergedFirst.0), mergedFirst.1), (mergeSlashes(rfc.0), rfc.1), (mergeSlashes(servletRead.0), servletRead.1)]
+        // Tomcat's order: path parameters cut from the raw segments first, then decoded.
+        var tomcat = path.replacingOccurrences(of: #";[^/]*"#, with: "", options: .regularExpression)
+        for encoded in ["%2F", "%2f", "%5C", "%5c"] { tomcat = tomcat.replacingOccurrences(of: encoded, with: "/") }
+        tomcat = decodeUnreserved(tomcat.replacingOccurrences(of: "\\", with: "/"))
+        let tomcatRead = removeDotSegments(mergeSlashes(tomcat))
+        return [
+            (mergeSlashes(mergedFirst.0), mergedFirst.1), (mergeSlashes(rfc.0), rfc.1),
+            (mergeSlashes(servletRead.0), servletRead.1), (mergeSlashes(tomcatRead.0), tomcatRead.1),
+        ]
     }
 }
 
