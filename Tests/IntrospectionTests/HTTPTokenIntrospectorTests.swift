@@ -23,7 +23,9 @@ struct HTTPTokenIntrospectorTests {
                 endpoint: "\(tls ? "https" : "http")://127.0.0.1:\(port)/introspect",
                 clientID: "intro client",
                 clientSecret: Secret(hostileSecret),
-                timeoutMilliseconds: 1000
+                // Generous: under ThreadSanitizer, with the other suites running in parallel, a
+                // loopback call has taken over a second. The timeout case sets its own deadline.
+                timeoutMilliseconds: 10_000
             )
             configure(&configuration)
             let client = try HTTPTokenIntrospector.makeHTTPClient(for: configuration)
@@ -95,10 +97,10 @@ struct HTTPTokenIntrospectorTests {
         (.json(status: 200, "{not json"), .malformed("")),
         (.json(status: 200, #"{"active":"true"}"#), .malformed("")),
         (.json(status: 200, #"{"active":true,"pad":""# + String(repeating: "x", count: 70_000) + #""}"#), .tooLarge(65536)),
-        (.hang(seconds: 5), .timeout),
+        (.hang(seconds: 12), .timeout),
     ])
     func faults(reply: FakeReply, expected: IntrospectionError) async throws {
-        let outcome: Result<TokenInfo, IntrospectionError> = try await Self.withIntrospector({ $0.timeoutMilliseconds = 2000 }, reply: { _ in reply }) { introspector in
+        let outcome: Result<TokenInfo, IntrospectionError> = try await Self.withIntrospector({ $0.timeoutMilliseconds = 5000 }, reply: { _ in reply }) { introspector in
             do throws(IntrospectionError) {
                 return .success(try await introspector.introspect("t"))
             } catch {
