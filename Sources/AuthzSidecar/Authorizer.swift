@@ -19,6 +19,8 @@ public final class Authorizer: Sendable {
     private let metrics: DecisionMetrics
     private let faultLog: RateLimitedLog
     let allowAnswers = AllowAnswerMemo()
+    /// Whether any policy has `match.hosts`.
+    private let comparesHosts: Bool
 
     public init(
         configuration: SidecarConfiguration,
@@ -33,6 +35,7 @@ public final class Authorizer: Sendable {
         self.evaluations = configuration.policies.map {
             PolicyEvaluation(policy: $0, expectedIssuer: configuration.introspection.expectedIssuer, thumbprints: thumbprints)
         }
+        self.comparesHosts = configuration.policies.contains { !$0.hosts.isEmpty }
         self.clock = clock
         self.logger = logger
         self.metrics = DecisionMetrics(policies: configuration.policies.map(\.name), factory: factory)
@@ -170,7 +173,9 @@ public final class Authorizer: Sendable {
             }
             return .selected(named)
         }
-        let host = HostKey(Substring(request.host))
+        // Normalising the host (and, with a port, building host:port) is paid only when some
+        // policy compares hosts: not on the hit path of a configuration without `hosts:`.
+        let host = comparesHosts ? HostKey(Substring(request.host)) : HostKey.unused
         let first = firstMatch(path: readings.strict, method: request.method, host: host)
         for other in readings.others where firstMatch(path: other, method: request.method, host: host) !== first {
             return .refused(Denial(.ambiguousPath, detail: "readings of the path select different policies: \(readings.strict.prefix(200)) and \(other.prefix(200))"))
@@ -179,12 +184,6 @@ public final class Authorizer: Sendable {
             return .refused(Denial(.noPolicy, detail: "no policy matches \(request.method) \(request.host)\(readings.strict.prefix(200))"))
         }
         return .selected(first)
-    }
-
-    /// The selected policy, nil when none matches or the request is refused before one is chosen.
-    func selectPolicy(for request: AccessRequest) -> PolicyEvaluation? {
-        if case .selected(let evaluation) = select(for: request) { return evaluation }
-        return nil
     }
 
     private func firstMatch(path: Substring, method: String, host: HostKey) -> PolicyEvaluation? {

@@ -113,6 +113,14 @@ struct HostKey: Sendable {
     var bare: Substring
     var withPort: Substring?
 
+    /// For requests when no policy compares hosts (`matches` never reads it then).
+    static let unused = HostKey(bare: "", withPort: nil)
+
+    private init(bare: Substring, withPort: Substring?) {
+        self.bare = bare
+        self.withPort = withPort
+    }
+
     init(_ host: Substring) {
         bare = HostName.normalized(host)
         if let colon = host.utf8.lastIndex(of: UInt8(ascii: ":")), host.utf8.index(after: colon) != host.utf8.endIndex,
