@@ -74,17 +74,19 @@ public struct AdminEndpoints: Sendable {
             return Self.json(.badRequest, Self.purgeUsage)
         }
         let purged: Int
-        let cache = slot.current.cache
+        // Every issuer's cache: the token may have been validated by any of them.
+        let caches = slot.current.caches
         switch (members["token"], members["token_sha256"], members["all"]) {
         case (.string(let token)?, nil, nil) where !token.isEmpty:
-            purged = cache.purge(TokenDigest(token: token)) ? 1 : 0
+            let digest = TokenDigest(token: token)
+            purged = caches.filter { $0.purge(digest) }.isEmpty ? 0 : 1
         case (nil, .string(let hex)?, nil):
             guard let digest = TokenDigest(hex: hex.lowercased()) else {
                 return Self.json(.badRequest, #"{"error":"token_sha256 must be 64 hex digits"}"#)
             }
-            purged = cache.purge(digest) ? 1 : 0
+            purged = caches.filter { $0.purge(digest) }.isEmpty ? 0 : 1
         case (nil, nil, .bool(true)?):
-            purged = cache.purgeAll()
+            purged = caches.reduce(0) { $0 + $1.purgeAll() }
         default:
             return Self.json(.badRequest, Self.purgeUsage)
         }

@@ -1,5 +1,6 @@
 import HTTPTypes
 import Introspection
+import JWTValidation
 import Logging
 import Metrics
 
@@ -12,7 +13,8 @@ public final class Authorizer: Sendable {
     }
 
     public let configuration: SidecarConfiguration
-    public let cache: CachingTokenIntrospector
+    /// Every issuer, `default` first (DESIGN.md §9); each has its own cache.
+    public let issuers: [Issuer]
     private let evaluations: [PolicyEvaluation]
     private let clock: any EpochClock
     private let logger: Logger
@@ -22,18 +24,34 @@ public final class Authorizer: Sendable {
     /// Whether any policy has `match.hosts`.
     private let comparesHosts: Bool
 
-    public init(
+    /// An authorizer over one introspection cache: the issuer `default` (tests, benches).
+    public convenience init(
         configuration: SidecarConfiguration,
         cache: CachingTokenIntrospector,
         clock: any EpochClock = SystemEpochClock(),
         logger: Logger = Logger(label: "authz"),
         metrics factory: any MetricsFactory = MetricsSystem.factory
     ) {
+        self.init(
+            configuration: configuration, issuers: [Issuer(default: configuration.introspection, cache: cache)],
+            clock: clock, logger: logger, metrics: factory
+        )
+    }
+
+    /// - Parameter issuers: one per `configuration.allIssuers`, by name.
+    public init(
+        configuration: SidecarConfiguration,
+        issuers: [Issuer],
+        clock: any EpochClock = SystemEpochClock(),
+        logger: Logger = Logger(label: "authz"),
+        metrics factory: any MetricsFactory = MetricsSystem.factory
+    ) {
         self.configuration = configuration
-        self.cache = cache
+        self.issuers = issuers
         let thumbprints = ThumbprintCache()
-        self.evaluations = configuration.policies.map {
-            PolicyEvaluation(policy: $0, expectedIssuer: configuration.introspection.expectedIssuer, thumbprints: thumbprints)
+        self.evaluations = configuration.policies.map { policy in
+            let accepted = policy.issuers.isEmpty ? issuers : issuers.filter { policy.issuers.contains($0.name) }
+            return PolicyEvaluation(policy: policy, route: IssuerRoute(accepting: accepted), thumbprints: thumbprints)
         }
         self.comparesHosts = configuration.policies.contains { !$0.hosts.isEmpty }
         self.clock = clock
@@ -55,9 +73,9 @@ public final class Authorizer: Sendable {
         switch prepare(request, started: started) {
         case .decided(let outcome, let policy):
             return render(outcome, policy: policy, front: request.front)
-        case .introspect(let evaluation, _, let digest):
-            guard let info = cache.cached(digest) else { return nil }
-            let decision = evaluation.decide(token: info, request: request, now: clock.now())
+        case .introspect(let evaluation, let issuer, _, let digest):
+            guard let info = issuer.cache.cached(digest) else { return nil }
+            let decision = evaluation.decide(token: info, request: request, now: clock.now(), issuer: issuer)
             let outcome = Outcome.decision(decision)
             record(outcome, policy: evaluation.policy, digest: digest, request: request, started: started)
             if case .allow(let grant) = decision {
@@ -75,13 +93,13 @@ public final class Authorizer: Sendable {
         switch prepare(request, started: started) {
         case .decided(let outcome, let policy):
             return (outcome, policy)
-        case .introspect(let evaluation, let token, let digest):
-            // 3. introspection through the cache
+        case .introspect(let evaluation, let issuer, let token, let digest):
+            // 3. validation through the issuer's cache: introspection, or the JWT verified locally
             let outcome: Outcome
             do {
-                let answer = try await cache.lookup(token: token, digest: digest)
+                let answer = try await issuer.cache.lookup(token: token, digest: digest)
                 // 4–7. the pure decision
-                outcome = .decision(evaluation.decide(token: answer.info, request: request, now: clock.now()))
+                outcome = .decision(evaluation.decide(token: answer.info, request: request, now: clock.now(), issuer: issuer))
             } catch {
                 outcome = .fault(error)
             }
@@ -93,7 +111,7 @@ public final class Authorizer: Sendable {
     /// Steps 1–2, which need no I/O: either a decision already, or the token to introspect.
     private enum Prepared {
         case decided(Outcome, PolicyConfiguration?)
-        case introspect(PolicyEvaluation, token: String, digest: TokenDigest)
+        case introspect(PolicyEvaluation, Issuer, token: String, digest: TokenDigest)
     }
 
     private func prepare(_ request: AccessRequest, started: Double) -> Prepared {
@@ -128,7 +146,12 @@ public final class Authorizer: Sendable {
             record(outcome, policy: policy, digest: nil, request: request, started: started)
             return .decided(outcome, policy)
         case .token(let token):
-            return .introspect(evaluation, token: token, digest: TokenDigest(token: token))
+            guard let issuer = evaluation.route.issuer(for: token) else {
+                let outcome = Outcome.decision(.deny(Denial(.noIssuer, detail: "no issuer the policy accepts takes this token")))
+                record(outcome, policy: policy, digest: TokenDigest(token: token), request: request, started: started)
+                return .decided(outcome, policy)
+            }
+            return .introspect(evaluation, issuer, token: token, digest: TokenDigest(token: token))
         }
     }
 
@@ -152,6 +175,12 @@ public final class Authorizer: Sendable {
         case selected(PolicyEvaluation)
         case refused(Denial)
     }
+
+    /// The issuer's caches, every one: a purge must reach a token wherever it was validated.
+    public var caches: [CachingTokenIntrospector] { issuers.map(\.cache) }
+
+    /// The cache of the issuer `default`, else of the first issuer.
+    public var cache: CachingTokenIntrospector { issuers[0].cache }
 
     /// The policy the proxy named (the front end passes a hint only from a trusted source), else
     /// the first policy that matches under every reading of the path. A named policy that does not

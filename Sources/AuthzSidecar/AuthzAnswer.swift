@@ -73,7 +73,8 @@ public struct AuthzAnswer: Sendable {
         var value = "Bearer realm=\"\(realm)\""
         if let code = denial.errorCode {
             value += ", error=\"\(code.rawValue)\""
-            if code == .insufficientScope, let scopes = policy?.requiredScopes, !scopes.isEmpty {
+            // A claims miss names no scope: scopes would not help (DESIGN.md §9).
+            if denial.reason == .insufficientScope, let scopes = policy?.requiredScopes, !scopes.isEmpty {
                 value += ", scope=\"\(scopes.joined(separator: " "))\""
             }
         }

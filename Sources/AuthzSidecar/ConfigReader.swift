@@ -151,6 +151,9 @@ final class MappingReader {
         return result
     }
 
+    /// The keys of this mapping (for mappings whose keys are the user's, like `required_claims`).
+    var keys: [String] { mapping.keys.compactMap(\.string) }
+
     func mapping(_ name: String) -> MappingReader? {
         MappingReader.make(node(name), path: key(name), problems: problems)
     }

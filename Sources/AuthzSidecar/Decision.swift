@@ -34,6 +34,10 @@ public enum DenialReason: String, Sendable, CaseIterable {
     case dpopUnsupported = "dpop_unsupported"
     case requestTooLarge = "request_too_large"
     case inactive
+    /// A JWT refused by local validation (form, algorithm, key, type, signature, issuer, claims).
+    case jwtInvalid = "jwt_invalid"
+    /// No issuer the policy accepts takes the token (DESIGN.md §9 routing).
+    case noIssuer = "no_issuer"
     case expired
     case notYetValid = "not_yet_valid"
     case issuerMismatch = "issuer_mismatch"
@@ -47,6 +51,8 @@ public enum DenialReason: String, Sendable, CaseIterable {
     /// A `cnf` binding the sidecar cannot check (`jkt` sent as Bearer, or an unknown member).
     case unsupportedBinding = "unsupported_binding"
     case insufficientScope = "insufficient_scope"
+    /// A `required_claims` entry is not met (DESIGN.md §9).
+    case claims
 }
 
 /// A refusal: 401 or 403, with the RFC 6750 §3.1 error code that goes with it.
@@ -70,7 +76,7 @@ public struct Denial: Sendable, Equatable {
     /// 403 when the token is good but not for this route; 401 otherwise.
     public var status: Int {
         switch reason {
-        case .insufficientScope, .noPolicy, .ambiguousPath, .missingOriginalURI: return 403
+        case .insufficientScope, .claims, .noPolicy, .ambiguousPath, .missingOriginalURI: return 403
         default: return 401
         }
     }
@@ -80,7 +86,7 @@ public struct Denial: Sendable, Equatable {
         switch reason {
         case .noToken, .noPolicy, .ambiguousPath, .missingOriginalURI: return nil
         case .malformedToken, .requestTooLarge, .dpopUnsupported: return .invalidRequest
-        case .insufficientScope: return .insufficientScope
+        case .insufficientScope, .claims: return .insufficientScope
         default: return .invalidToken
         }
     }

@@ -47,6 +47,10 @@ public struct PolicyConfiguration: Sendable, Equatable {
     public var hideCredentials: Bool
     public var clockSkewSeconds: Int64
     public var proxyCacheSeconds: Int64
+    /// Names of the issuers this policy accepts; empty = every issuer (DESIGN.md §9).
+    public var issuers: [String]
+    /// Claims the token must carry (DESIGN.md §9), each one of its values.
+    public var requiredClaims: [RequiredClaim]
 
     public init(
         name: String,
@@ -64,7 +68,9 @@ public struct PolicyConfiguration: Sendable, Equatable {
         forwardClaims: [String] = [],
         hideCredentials: Bool = false,
         clockSkewSeconds: Int64 = 0,
-        proxyCacheSeconds: Int64 = 0
+        proxyCacheSeconds: Int64 = 0,
+        issuers: [String] = [],
+        requiredClaims: [RequiredClaim] = []
     ) {
         self.name = name
         self.pathPrefix = pathPrefix
@@ -83,6 +89,8 @@ public struct PolicyConfiguration: Sendable, Equatable {
         self.hideCredentials = hideCredentials
         self.clockSkewSeconds = clockSkewSeconds
         self.proxyCacheSeconds = proxyCacheSeconds
+        self.issuers = issuers
+        self.requiredClaims = requiredClaims
     }
 
     static func headers(for claims: [String]) -> [(String, HTTPField.Name)] {
@@ -104,6 +112,32 @@ public struct PolicyConfiguration: Sendable, Equatable {
             guard hosts.contains(where: { entry in entry == host.bare || (host.withPort.map { withPort in entry == withPort } ?? false) }) else { return false }
         }
         return true
+    }
+}
+
+/// One entry of `required_claims` (DESIGN.md §9): the claim must equal one of `values` (JSON
+/// types compared as they are) or, when it is an array, contain one. `scope` is read as its
+/// space-separated names; no other string claim is split.
+public struct RequiredClaim: Sendable, Equatable {
+    public var name: String
+    /// Any of these.
+    public var values: [JSONValue]
+
+    public init(name: String, values: [JSONValue]) {
+        self.name = name
+        self.values = values
+    }
+
+    public func isSatisfied(by info: TokenInfo) -> Bool {
+        if name == "scope" {
+            return values.contains { value in value.stringValue.map(info.grants(scope:)) ?? false }
+        }
+        guard let claim = info.claim(name) else { return false }
+        return values.contains { wanted in
+            if claim == wanted { return true }
+            if case .array(let items) = claim { return items.contains(wanted) }
+            return false
+        }
     }
 }
 

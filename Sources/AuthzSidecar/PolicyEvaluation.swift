@@ -8,31 +8,53 @@ import Introspection
 /// of the policy costs one per field.
 public final class PolicyEvaluation: Sendable {
     public let policy: PolicyConfiguration
+    /// For `decide` without an issuer: the `iss` an answer must carry.
     public let expectedIssuer: String?
+    /// Where the policy sends a token (DESIGN.md §9).
+    let route: IssuerRoute
     /// Where decoded certificate headers are remembered; nil decodes every time.
     let thumbprints: ThumbprintCache?
 
     public convenience init(policy: PolicyConfiguration, expectedIssuer: String? = nil) {
-        self.init(policy: policy, expectedIssuer: expectedIssuer, thumbprints: nil)
+        self.init(policy: policy, expectedIssuer: expectedIssuer, route: .none, thumbprints: nil)
     }
 
-    init(policy: PolicyConfiguration, expectedIssuer: String?, thumbprints: ThumbprintCache?) {
+    convenience init(policy: PolicyConfiguration, route: IssuerRoute, thumbprints: ThumbprintCache?) {
+        self.init(policy: policy, expectedIssuer: nil, route: route, thumbprints: thumbprints)
+    }
+
+    private init(policy: PolicyConfiguration, expectedIssuer: String?, route: IssuerRoute, thumbprints: ThumbprintCache?) {
         self.policy = policy
         self.expectedIssuer = expectedIssuer
+        self.route = route
         self.thumbprints = thumbprints
+    }
+
+    /// Decides for a token as its issuer validated it (introspection or a verified JWT).
+    func decide(token info: TokenInfo, request: AccessRequest, now: Double, issuer: Issuer) -> Decision {
+        decide(token: info, request: request, now: now, expectedIssuer: issuer.expectedIssuer, issuerAudiences: issuer.audiences)
     }
 
     /// Decides for an introspected token.
     public func decide(token info: TokenInfo, request: AccessRequest, now: Double) -> Decision {
+        decide(token: info, request: request, now: now, expectedIssuer: expectedIssuer, issuerAudiences: [])
+    }
+
+    private func decide(token info: TokenInfo, request: AccessRequest, now: Double, expectedIssuer: String?, issuerAudiences: [String]) -> Decision {
         // 4. active, time window, issuer, audience
-        guard info.active else { return .deny(Denial(.inactive)) }
+        guard info.active else {
+            if let rejection = info.rejection { return .deny(Denial(.jwtInvalid, detail: rejection)) }
+            return .deny(Denial(.inactive))
+        }
         let skew = Double(policy.clockSkewSeconds)
         if let exp = info.exp, Double(exp) + skew <= now { return .deny(Denial(.expired)) }
         if let nbf = info.nbf, Double(nbf) - skew > now { return .deny(Denial(.notYetValid)) }
         if let expectedIssuer, info.iss != expectedIssuer {
             return .deny(Denial(.issuerMismatch))
         }
-        if !policy.audiences.isEmpty, !info.aud.contains(where: policy.audiences.contains) {
+        // A policy's audiences take the place of its issuer's (RFC 9068 §4 for JWTs).
+        let audiences = policy.audiences.isEmpty ? issuerAudiences : policy.audiences
+        if !audiences.isEmpty, !info.aud.contains(where: audiences.contains) {
             return .deny(Denial(.audienceMismatch))
         }
         // only access tokens pass (§5.4)
@@ -74,6 +96,10 @@ public final class PolicyEvaluation: Sendable {
             case .any: satisfied = policy.requiredScopes.contains(where: info.grants(scope:))
             }
             guard satisfied else { return .deny(Denial(.insufficientScope)) }
+        }
+        // 6b. required claims (DESIGN.md §9)
+        for claim in policy.requiredClaims where !claim.isSatisfied(by: info) {
+            return .deny(Denial(.claims, detail: "claim \(claim.name.prefix(64)) is missing or has none of the required values"))
         }
 
         // 7. allow; a proxy may cache it no longer than the token lives

@@ -1,4 +1,5 @@
 import Introspection
+import JWTValidation
 import Logging
 import Metrics
 import Prometheus
@@ -9,10 +10,10 @@ import NIOConcurrencyHelpers
 /// The authorizer in force. A reload swaps it whole: each request takes the one current when it
 /// arrives and finishes on it.
 public final class AuthorizerSlot: Sendable {
-    /// One configuration's authorizer and the (instrumented) AS client its cache calls.
+    /// One configuration's authorizer and the backends its issuers were built from.
     struct Generation: Sendable {
         var authorizer: Authorizer
-        var upstream: any TokenIntrospector
+        var backends: [String: IssuerBackends]
     }
 
     private let generation: NIOLockedValueBox<Generation>
@@ -45,11 +46,13 @@ public struct Sidecar: Sendable {
     private let logger: Logger
     private let metricsFactory: any MetricsFactory
 
-    /// Wires a configuration to an introspector (the HTTP one in production, a closure in tests).
+    /// Wires a configuration to an introspector for the issuer `default` (the HTTP one in
+    /// production, a closure in tests) and to the backends of the issuers of `issuers:`, by name.
     /// `onBound` learns each HTTP listener's port (tests listen on port 0).
     public init(
         configuration: SidecarConfiguration,
-        introspector: any TokenIntrospector,
+        introspector: (any TokenIntrospector)?,
+        backends: [String: IssuerBackends] = [:],
         registry: PrometheusCollectorRegistry? = nil,
         clock: any EpochClock = SystemEpochClock(),
         logger: Logger = Logger(label: "authz"),
@@ -60,11 +63,14 @@ public struct Sidecar: Sendable {
         self.logger = logger
         self.metricsFactory = factory
         let reachability = ASReachability()
-        let upstream = InstrumentedTokenIntrospector(introspector, reachability: reachability, metrics: factory)
-        let cache = CachingTokenIntrospector(upstream: upstream, configuration: configuration.cache, clock: clock, metrics: factory)
+        var backends = backends
+        if let introspector { backends["default"] = IssuerBackends(introspector: introspector) }
+        let issuers = configuration.allIssuers.map { issuer in
+            Issuer.make(issuer, backends: backends[issuer.name] ?? IssuerBackends(), cache: configuration.cache, reachability: reachability, clock: clock, logger: logger, metrics: factory)
+        }
         let slot = AuthorizerSlot(.init(
-            authorizer: Authorizer(configuration: configuration, cache: cache, clock: clock, logger: logger, metrics: factory),
-            upstream: upstream
+            authorizer: Authorizer(configuration: configuration, issuers: issuers, clock: clock, logger: logger, metrics: factory),
+            backends: backends
         ))
         let admin = AdminEndpoints(slot: slot, reachability: reachability, registry: registry)
         let queue = DecisionQueue()
@@ -108,26 +114,43 @@ public struct Sidecar: Sendable {
     }
 
     /// Swaps in a validated configuration (the caller validated it). `introspector` is the new AS
-    /// client when the introspection settings changed, nil to keep the current one; the cache is
-    /// kept only when the AS client and the cache settings are unchanged. Listener addresses are
-    /// fixed at start: a change there needs a restart (logged).
+    /// client of the issuer `default` when its settings changed, nil to keep the current one;
+    /// `backends` holds new backends for the issuers of `issuers:` whose settings changed (an
+    /// issuer not named keeps its backends). An issuer keeps its cache and key set only when its
+    /// settings, its backends and the cache settings are unchanged; the dropped caches are purged.
+    /// Listener addresses are fixed at start: a change there needs a restart (logged).
     @discardableResult
-    public func reload(to configuration: SidecarConfiguration, introspector: (any TokenIntrospector)?) -> CacheFate {
+    public func reload(to configuration: SidecarConfiguration, introspector: (any TokenIntrospector)?, backends replaced: [String: IssuerBackends] = [:]) -> CacheFate {
         let old = slot.currentGeneration
         if configuration.server != old.authorizer.configuration.server {
             logger.warning("server settings changed: listeners keep their addresses until a restart")
         }
-        let upstream = introspector.map { InstrumentedTokenIntrospector($0, reachability: reachability, metrics: metricsFactory) } ?? old.upstream
-        let keep = introspector == nil && configuration.cache == old.authorizer.configuration.cache
-        let cache = keep ? old.authorizer.cache : CachingTokenIntrospector(upstream: upstream, configuration: configuration.cache, clock: clock, metrics: metricsFactory)
-        let authorizer = Authorizer(configuration: configuration, cache: cache, clock: clock, logger: logger, metrics: metricsFactory)
-        slot.replace(with: .init(authorizer: authorizer, upstream: upstream))
-        if !keep {
-            // Requests still on the old generation must not be decided on answers the old cache
-            // holds or is still fetching: a dropped cache is a purge (DESIGN.md §4).
-            old.authorizer.cache.purgeAll()
+        var replaced = replaced
+        if let introspector { replaced["default"] = IssuerBackends(introspector: introspector) }
+        var backends = old.backends
+        for (name, fresh) in replaced { backends[name] = fresh }
+        let cacheUnchanged = configuration.cache == old.authorizer.configuration.cache
+        var kept: [Issuer] = []
+        let issuers = configuration.allIssuers.map { issuer in
+            if cacheUnchanged, replaced[issuer.name] == nil,
+                let previous = old.authorizer.issuers.first(where: { $0.name == issuer.name && $0.configuration == issuer })
+            {
+                kept.append(previous)
+                return previous
+            }
+            return Issuer.make(
+                issuer, backends: backends[issuer.name] ?? IssuerBackends(), cache: configuration.cache,
+                reachability: reachability, clock: clock, logger: logger, metrics: metricsFactory
+            )
         }
-        return keep ? .kept : .dropped
+        let authorizer = Authorizer(configuration: configuration, issuers: issuers, clock: clock, logger: logger, metrics: metricsFactory)
+        slot.replace(with: .init(authorizer: authorizer, backends: backends))
+        // Requests still on the old generation must not be decided on answers a dropped cache
+        // holds or is still fetching: a dropped cache is a purge (DESIGN.md §4).
+        for issuer in old.authorizer.issuers where !kept.contains(where: { $0 === issuer }) {
+            issuer.cache.purgeAll()
+        }
+        return kept.count == issuers.count && kept.count == old.authorizer.issuers.count ? .kept : .dropped
     }
 }
 
@@ -146,7 +169,9 @@ struct ReachabilityProbe: Service {
                 return
             }
             if reachability.current == .unreachable {
-                await slot.current.cache.probeUpstream()
+                for issuer in slot.current.issuers where issuer.configuration.validation.introspects {
+                    await issuer.cache.probeUpstream()
+                }
             }
         }
     }

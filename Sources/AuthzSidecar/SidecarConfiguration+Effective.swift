@@ -1,4 +1,5 @@
 import Introspection
+import JWTValidation
 
 extension SidecarConfiguration {
     /// The configuration as it will be used, defaults filled in, the secret redacted: what
@@ -24,20 +25,36 @@ extension SidecarConfiguration {
         line(2, "max_header_bytes", "\(server.maxHeaderBytes)")
         line(2, "idle_timeout_seconds", "\(server.idleTimeoutSeconds)")
         line(2, "admin_token_file", quoted(server.adminTokenFile))
-        out += "introspection:\n"
-        line(2, "endpoint", quoted(introspection.endpoint))
-        line(2, "client_id", quoted(introspection.clientID))
-        line(2, "client_secret", introspection.clientSecret == nil ? "null" : quoted("<redacted>"))
-        line(2, "auth_method", introspection.authMethod.rawValue)
-        line(2, "client_certificate_file", quoted(introspection.clientCertificateFile))
-        line(2, "client_key_file", quoted(introspection.clientKeyFile))
-        line(2, "ca_file", quoted(introspection.caFile))
-        line(2, "verify_tls", "\(introspection.verifyTLS)")
-        line(2, "insecure", "\(introspection.insecure)")
-        line(2, "timeout_ms", "\(introspection.timeoutMilliseconds)")
-        line(2, "max_connections", "\(introspection.maxConnections)")
-        line(2, "max_response_bytes", "\(introspection.maxResponseBytes)")
-        line(2, "expected_issuer", quoted(introspection.expectedIssuer))
+        if let introspection {
+            out += "introspection:\n"
+            writeIntrospection(introspection, indent: 2, into: &out)
+        }
+        if !issuers.isEmpty {
+            out += "issuers:\n"
+            for issuer in issuers {
+                line(2, "- name", quoted(issuer.name))
+                line(4, "issuer", quoted(issuer.issuer))
+                line(4, "validation", issuer.validation.rawValue)
+                line(4, "audiences", list(issuer.audiences))
+                line(4, "allow_any_audience", "\(issuer.allowAnyAudience)")
+                line(4, "jwks_uri", quoted(issuer.jwksURI))
+                line(4, "ca_file", quoted(issuer.caFile))
+                line(4, "verify_tls", "\(issuer.verifyTLS)")
+                line(4, "insecure", "\(issuer.insecure)")
+                line(4, "timeout_ms", "\(issuer.timeoutMilliseconds)")
+                line(4, "max_jwks_bytes", "\(issuer.maxJWKSBytes)")
+                line(4, "algorithms", list(issuer.algorithms.map(\.rawValue)))
+                line(4, "token_types", list(issuer.tokenTypes))
+                line(4, "jwks_cache_seconds", "\(issuer.jwksCacheSeconds)")
+                line(4, "jwks_min_refetch_seconds", "\(issuer.jwksMinRefetchSeconds)")
+                if let introspection = issuer.introspection {
+                    out += "    introspection:\n"
+                    writeIntrospection(introspection, indent: 6, into: &out)
+                } else {
+                    line(4, "introspection", "null")
+                }
+            }
+        }
         out += "cache:\n"
         line(2, "ttl_seconds", "\(cache.ttlSeconds)")
         line(2, "negative_ttl_seconds", "\(cache.negativeTTLSeconds)")
@@ -67,7 +84,41 @@ extension SidecarConfiguration {
             line(4, "hide_credentials", "\(policy.hideCredentials)")
             line(4, "clock_skew_seconds", "\(policy.clockSkewSeconds)")
             line(4, "proxy_cache_seconds", "\(policy.proxyCacheSeconds)")
+            line(4, "issuers", list(policy.issuers))
+            if policy.requiredClaims.isEmpty {
+                line(4, "required_claims", "{}")
+            } else {
+                out += "    required_claims:\n"
+                for claim in policy.requiredClaims {
+                    line(6, quoted(claim.name), "[" + claim.values.map(\.compactJSON).joined(separator: ", ") + "]")
+                }
+            }
         }
         return out
+    }
+
+    private func writeIntrospection(_ introspection: IntrospectionConfiguration, indent: Int, into out: inout String) {
+        func line(_ key: String, _ value: String) {
+            out += String(repeating: " ", count: indent) + key + ": " + value + "\n"
+        }
+        func quoted(_ s: String?) -> String {
+            guard let s else { return "null" }
+            var escaped = ""
+            JSONValue.writeString(s, into: &escaped)
+            return escaped
+        }
+        line("endpoint", quoted(introspection.endpoint))
+        line("client_id", quoted(introspection.clientID))
+        line("client_secret", introspection.clientSecret == nil ? "null" : quoted("<redacted>"))
+        line("auth_method", introspection.authMethod.rawValue)
+        line("client_certificate_file", quoted(introspection.clientCertificateFile))
+        line("client_key_file", quoted(introspection.clientKeyFile))
+        line("ca_file", quoted(introspection.caFile))
+        line("verify_tls", "\(introspection.verifyTLS)")
+        line("insecure", "\(introspection.insecure)")
+        line("timeout_ms", "\(introspection.timeoutMilliseconds)")
+        line("max_connections", "\(introspection.maxConnections)")
+        line("max_response_bytes", "\(introspection.maxResponseBytes)")
+        line("expected_issuer", quoted(introspection.expectedIssuer))
     }
 }

@@ -1,5 +1,7 @@
 import Foundation
 import Introspection
+import JOSE
+import JWTValidation
 import Yams
 
 extension SidecarConfiguration {
@@ -30,15 +32,139 @@ extension SidecarConfiguration {
             throw ConfigurationError(problems: problems.messages.isEmpty ? ["the configuration is empty"] : problems.messages)
         }
         let server = readServer(top.mapping("server"), problems: problems)
-        let introspection = readIntrospection(top.mapping("introspection"), environment: environment, problems: problems)
+        let issuersNode = top.node("issuers")
+        let introspectionReader = top.mapping("introspection")
+        if introspectionReader == nil, issuersNode == nil {
+            problems.add("introspection", "is required (or issuers:)")
+        }
+        let introspection = introspectionReader.map { readIntrospection($0, environment: environment, problems: problems) }
+        let issuers = readIssuers(issuersNode, reserveDefault: introspection != nil, problems: problems)
         let cache = readCache(top.mapping("cache"))
         let policies = readPolicies(top.node("policies"), problems: problems)
         let logging = readLogging(top.mapping("logging"))
         top.reportUnknownKeys()
-        guard problems.messages.isEmpty, let introspection else {
+        let configuration = SidecarConfiguration(server: server, introspection: introspection, issuers: issuers, cache: cache, policies: policies, logging: logging)
+        validateRouting(configuration, problems: problems)
+        guard problems.messages.isEmpty else {
             throw ConfigurationError(problems: problems.messages)
         }
-        return SidecarConfiguration(server: server, introspection: introspection, cache: cache, policies: policies, logging: logging)
+        return configuration
+    }
+
+    /// DESIGN.md §9: every issuer a policy names exists, and a policy never leaves a token two
+    /// places to go: at most one introspection issuer, and one JWT issuer per `iss`.
+    private static func validateRouting(_ configuration: SidecarConfiguration, problems: ConfigProblems) {
+        let all = configuration.allIssuers
+        if all.isEmpty, !configuration.issuers.isEmpty || configuration.introspection != nil { return }
+        for (i, policy) in configuration.policies.enumerated() {
+            let key = "policies[\(i)].issuers"
+            var accepted: [IssuerConfiguration] = []
+            for (j, name) in policy.issuers.enumerated() {
+                if let issuer = all.first(where: { $0.name == name }) {
+                    accepted.append(issuer)
+                } else {
+                    problems.add("\(key)[\(j)]", "names no issuer (known: \(all.map(\.name).joined(separator: ", ")))")
+                }
+            }
+            if policy.issuers.isEmpty { accepted = all }
+            let introspecting = accepted.filter { $0.validation == .introspection }
+            if introspecting.count > 1 {
+                problems.add(policy.issuers.isEmpty ? "policies[\(i)]" : key, "accepts the introspection issuers \(introspecting.map(\.name).joined(separator: " and ")): a token without a JWT issuer would have two places to go; name one in issuers:")
+            }
+            var seen: [String: String] = [:]
+            for issuer in accepted where issuer.validation.verifiesJWT {
+                guard let iss = issuer.issuer else { continue }
+                if let earlier = seen[iss] {
+                    problems.add(policy.issuers.isEmpty ? "policies[\(i)]" : key, "accepts the JWT issuers \(earlier) and \(issuer.name) with the same issuer URL")
+                }
+                seen[iss] = issuer.name
+            }
+        }
+    }
+
+    private static func readIssuers(_ node: Node?, reserveDefault: Bool, problems: ConfigProblems) -> [IssuerConfiguration] {
+        guard let node else { return [] }
+        guard let sequence = node.sequence else {
+            problems.add("issuers", "must be a list")
+            return []
+        }
+        var issuers: [IssuerConfiguration] = []
+        for (i, item) in sequence.enumerated() {
+            guard let reader = MappingReader.make(item, path: "issuers[\(i)]", problems: problems) else {
+                problems.add("issuers[\(i)]", "must be a mapping")
+                continue
+            }
+            guard let issuer = readIssuer(reader) else { continue }
+            if reserveDefault, issuer.name == "default" {
+                problems.add(reader.key("name"), "default is the top-level introspection block's name")
+            } else if let earlier = issuers.firstIndex(where: { $0.name == issuer.name }) {
+                problems.add(reader.key("name"), "is the name of issuers[\(earlier)] too")
+            }
+            issuers.append(issuer)
+        }
+        if sequence.isEmpty { problems.add("issuers", "must name at least one issuer (or be left out)") }
+        return issuers
+    }
+
+    private static func readIssuer(_ reader: MappingReader) -> IssuerConfiguration? {
+        guard let name = reader.string("name"), name.utf8.count <= 64, HeaderName.isValid(name) else {
+            reader.problems.add(reader.key("name"), "is required: letters, digits, - _ . (at most 64)")
+            reader.reportUnknownKeys()
+            return nil
+        }
+        var issuer = IssuerConfiguration(name: name, issuer: reader.string("issuer"), validation: reader.choice("validation", default: .jwt))
+        issuer.audiences = reader.stringList("audiences")
+        issuer.allowAnyAudience = reader.bool("allow_any_audience", default: false)
+        issuer.jwksURI = reader.string("jwks_uri")
+        issuer.caFile = reader.string("ca_file")
+        issuer.verifyTLS = reader.bool("verify_tls", default: true)
+        issuer.insecure = reader.bool("insecure", default: false)
+        issuer.timeoutMilliseconds = reader.int("timeout_ms", default: 1500, range: 1...60_000)
+        issuer.maxJWKSBytes = reader.int("max_jwks_bytes", default: 1 << 20, range: 1024...16_777_216)
+        if reader.node("algorithms") != nil {
+            var algorithms: [JWSAlgorithm] = []
+            for (i, name) in reader.stringList("algorithms").enumerated() {
+                if let algorithm = JWSAlgorithm(rawValue: name) {
+                    algorithms.append(algorithm)
+                } else if JWSAlgorithm.isForbidden(name) {
+                    reader.problems.add("\(reader.key("algorithms"))[\(i)]", "none and HS* are never accepted: a JWT access token is verified with the issuer's public key")
+                } else {
+                    reader.problems.add("\(reader.key("algorithms"))[\(i)]", "must be one of \(JWSAlgorithm.allCases.map(\.rawValue).joined(separator: " | "))")
+                }
+            }
+            if algorithms.isEmpty { reader.problems.add(reader.key("algorithms"), "must name at least one algorithm") }
+            issuer.algorithms = algorithms
+        }
+        if reader.node("token_types") != nil { issuer.tokenTypes = reader.stringList("token_types") }
+        issuer.jwksCacheSeconds = reader.number("jwks_cache_seconds", default: 300, range: 1...86_400)
+        issuer.jwksMinRefetchSeconds = reader.number("jwks_min_refetch_seconds", default: 30, range: 0...3_600)
+        if let nested = reader.mapping("introspection") {
+            issuer.introspection = readIntrospection(nested, environment: [:], problems: reader.problems)
+        }
+        if issuer.validation.introspects, issuer.introspection == nil {
+            reader.problems.add(reader.key("introspection"), "is required for validation: \(issuer.validation.rawValue)")
+        }
+        if issuer.validation.verifiesJWT {
+            if let url = issuer.issuer {
+                validateURL(url, insecure: issuer.insecure, key: reader.key("issuer"), problems: reader.problems)
+            } else {
+                reader.problems.add(reader.key("issuer"), "is required for validation: \(issuer.validation.rawValue) (the exact iss of its tokens)")
+            }
+            if issuer.audiences.isEmpty, !issuer.allowAnyAudience {
+                reader.problems.add(reader.key("audiences"), "is required for JWT validation (RFC 9068 §4), or allow_any_audience: true")
+            }
+            if let jwksURI = issuer.jwksURI {
+                validateURL(jwksURI, insecure: issuer.insecure, key: reader.key("jwks_uri"), problems: reader.problems)
+            }
+        }
+        if !issuer.verifyTLS, !issuer.insecure {
+            reader.problems.add(reader.key("verify_tls"), "false requires insecure: true")
+        }
+        if let file = issuer.caFile, !FileManager.default.isReadableFile(atPath: file) {
+            reader.problems.add(reader.key("ca_file"), "cannot read the file it names")
+        }
+        reader.reportUnknownKeys()
+        return issuer
     }
 
     /// A YAML syntax error as position and libyaml's own words, never the source line: Yams's
@@ -98,11 +224,7 @@ extension SidecarConfiguration {
         return server
     }
 
-    private static func readIntrospection(_ reader: MappingReader?, environment: [String: String], problems: ConfigProblems) -> IntrospectionConfiguration? {
-        guard let reader else {
-            problems.add("introspection", "is required")
-            return nil
-        }
+    private static func readIntrospection(_ reader: MappingReader, environment: [String: String], problems: ConfigProblems) -> IntrospectionConfiguration {
         var configuration = IntrospectionConfiguration(endpoint: "")
         configuration.clientID = reader.string("client_id")
         configuration.authMethod = reader.choice("auth_method", default: .clientSecretBasic)
@@ -136,7 +258,7 @@ extension SidecarConfiguration {
 
         if let endpoint = reader.string("endpoint") {
             configuration.endpoint = endpoint
-            validateEndpoint(endpoint, configuration: configuration, key: reader.key("endpoint"), problems: problems)
+            validateURL(endpoint, insecure: configuration.insecure, key: reader.key("endpoint"), problems: problems)
         } else {
             problems.add(reader.key("endpoint"), "is required")
         }
@@ -171,7 +293,7 @@ extension SidecarConfiguration {
     }
 
     /// An absolute http(s) URL; plain http only to a loopback host unless `insecure`.
-    private static func validateEndpoint(_ endpoint: String, configuration: IntrospectionConfiguration, key: String, problems: ConfigProblems) {
+    private static func validateURL(_ endpoint: String, insecure: Bool, key: String, problems: ConfigProblems) {
         guard let components = URLComponents(string: endpoint), let scheme = components.scheme?.lowercased(),
             let host = components.host, !host.isEmpty
         else {
@@ -182,7 +304,7 @@ extension SidecarConfiguration {
         case "https":
             break
         case "http":
-            if !Loopback.isLoopback(host: host), !configuration.insecure {
+            if !Loopback.isLoopback(host: host), !insecure {
                 problems.add(key, "plain http to a non-loopback host requires insecure: true")
             }
         default:
@@ -303,7 +425,44 @@ extension SidecarConfiguration {
         policy.hideCredentials = reader.bool("hide_credentials", default: false)
         policy.clockSkewSeconds = Int64(reader.int("clock_skew_seconds", default: 0, range: 0...3_600))
         policy.proxyCacheSeconds = Int64(reader.int("proxy_cache_seconds", default: 0, range: 0...3_600))
+        policy.issuers = reader.stringList("issuers")
+        policy.requiredClaims = readRequiredClaims(reader.mapping("required_claims"))
         reader.reportUnknownKeys()
         return policy
+    }
+
+    /// `required_claims: { name: value | [values] }`: plain scalars keep their YAML type (`1` is a
+    /// number, `"1"` a string, `true` a boolean), so that they compare with JSON claims as such.
+    private static func readRequiredClaims(_ reader: MappingReader?) -> [RequiredClaim] {
+        guard let reader else { return [] }
+        var claims: [RequiredClaim] = []
+        for name in reader.keys {
+            guard let node = reader.node(name) else {
+                reader.problems.add(reader.key(name), "needs a value or a list of values")
+                continue
+            }
+            let items = node.sequence.map(Array.init) ?? [node]
+            var values: [JSONValue] = []
+            for (i, item) in items.enumerated() {
+                guard let value = jsonScalar(item) else {
+                    reader.problems.add(node.sequence == nil ? reader.key(name) : "\(reader.key(name))[\(i)]", "must be a string, number or boolean")
+                    continue
+                }
+                values.append(value)
+            }
+            if values.isEmpty, items.isEmpty { reader.problems.add(reader.key(name), "needs at least one value") }
+            claims.append(RequiredClaim(name: name, values: values))
+        }
+        return claims
+    }
+
+    private static func jsonScalar(_ node: Node) -> JSONValue? {
+        guard let scalar = node.scalar else { return nil }
+        guard scalar.style == .plain else { return .string(scalar.string) }
+        if let bool = node.bool { return .bool(bool) }
+        if let int = node.int { return .integer(Int64(int)) }
+        if let float = node.float, float.isFinite { return .number(float) }
+        if node.null != nil { return nil }
+        return .string(scalar.string)
     }
 }

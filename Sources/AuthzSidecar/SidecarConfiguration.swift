@@ -1,3 +1,4 @@
+import JWTValidation
 import Introspection
 
 /// Where a listener binds: `host:port` or `unix:/path`.
@@ -87,22 +88,32 @@ public struct LoggingConfiguration: Sendable, Equatable {
 /// The whole configuration file, validated.
 public struct SidecarConfiguration: Sendable, Equatable {
     public var server: ServerConfiguration
-    public var introspection: IntrospectionConfiguration
+    /// The top-level block: the issuer `default` (DESIGN.md §9); optional with `issuers:`.
+    public var introspection: IntrospectionConfiguration?
+    /// `issuers:`, without `default`.
+    public var issuers: [IssuerConfiguration]
     public var cache: CacheConfiguration
     public var policies: [PolicyConfiguration]
     public var logging: LoggingConfiguration
 
     public init(
         server: ServerConfiguration = ServerConfiguration(),
-        introspection: IntrospectionConfiguration,
+        introspection: IntrospectionConfiguration?,
+        issuers: [IssuerConfiguration] = [],
         cache: CacheConfiguration = CacheConfiguration(),
         policies: [PolicyConfiguration],
         logging: LoggingConfiguration = LoggingConfiguration()
     ) {
         self.server = server
         self.introspection = introspection
+        self.issuers = issuers
         self.cache = cache
         self.policies = policies
         self.logging = logging
+    }
+
+    /// Every issuer: `default` (the top-level `introspection:`) first, then `issuers:`.
+    public var allIssuers: [IssuerConfiguration] {
+        (introspection.map { [IssuerConfiguration.default($0)] } ?? []) + issuers
     }
 }

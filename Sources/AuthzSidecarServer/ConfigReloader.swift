@@ -15,13 +15,16 @@ actor ConfigReloader: Service {
     private let sidecar: Sidecar
     private let logger: Logger
     private var configuration: SidecarConfiguration
-    private var client: HTTPClient
+    /// The issuer `default`'s AS client, when there is a top-level introspection block.
+    private var client: HTTPClient?
+    private var connections: IssuerConnections
     private var fileContents: String?
 
-    init(path: String, configuration: SidecarConfiguration, client: HTTPClient, sidecar: Sidecar, logger: Logger) {
+    init(path: String, configuration: SidecarConfiguration, client: HTTPClient?, connections: IssuerConnections, sidecar: Sidecar, logger: Logger) {
         self.path = path
         self.configuration = configuration
         self.client = client
+        self.connections = connections
         self.sidecar = sidecar
         self.logger = logger
         self.fileContents = try? String(contentsOfFile: path, encoding: .utf8)
@@ -51,7 +54,8 @@ actor ConfigReloader: Service {
     }
 
     private func shutdownClient() async throws {
-        try await client.shutdown()
+        try await client?.shutdown()
+        for issuerClient in connections.allClients { try? await issuerClient.shutdown() }
     }
 
     private func reloadIfFileChanged() async {
@@ -74,29 +78,41 @@ actor ConfigReloader: Service {
             logger.info("configuration unchanged", metadata: ["authz.reload": "\(reason)"])
             return
         }
-        var retired: HTTPClient?
+        var retired: [HTTPClient] = []
         var introspector: (any TokenIntrospector)?
-        if next.introspection != configuration.introspection {
-            do {
-                let fresh = try HTTPTokenIntrospector.makeHTTPClient(for: next.introspection)
-                introspector = HTTPTokenIntrospector(configuration: next.introspection, client: fresh, logger: logger)
-                retired = client
-                client = fresh
-            } catch {
-                logger.error("configuration rejected: cannot set up the AS client", metadata: ["authz.reload": "\(reason)", "authz.problems": "\(error)"])
-                return
+        var fresh: HTTPClient?
+        var connections = self.connections
+        let changed: [String: IssuerBackends]
+        do {
+            if next.introspection != configuration.introspection, let introspection = next.introspection {
+                let made = try HTTPTokenIntrospector.makeHTTPClient(for: introspection)
+                fresh = made
+                introspector = HTTPTokenIntrospector(configuration: introspection, client: made, logger: logger)
             }
+            let update = try connections.update(to: next.issuers, logger: logger)
+            changed = update.changed
+            retired += update.retired
+        } catch {
+            try? await fresh?.shutdown()
+            logger.error("configuration rejected: cannot set up the AS client", metadata: ["authz.reload": "\(reason)", "authz.problems": "\(error)"])
+            return
         }
-        let fate = sidecar.reload(to: next, introspector: introspector)
+        if next.introspection != configuration.introspection {
+            if let client { retired.append(client) }
+            client = fresh
+        }
+        self.connections = connections
+        let fate = sidecar.reload(to: next, introspector: introspector, backends: changed)
         configuration = next
         logger.notice(
             "configuration reloaded",
             metadata: ["authz.reload": "\(reason)", "authz.cache": "\(fate.rawValue)", "authz.policies": "\(next.policies.map(\.name).joined(separator: ","))"]
         )
-        if let retired {
-            // Requests that took the old authorizer finish within the AS deadline.
-            try? await Task.sleep(for: .milliseconds(configuration.introspection.timeoutMilliseconds + 1000))
-            try? await retired.shutdown()
+        if !retired.isEmpty {
+            // Requests that took the old authorizer finish within the AS deadlines.
+            let longest = next.allIssuers.map { max($0.timeoutMilliseconds, $0.introspection?.timeoutMilliseconds ?? 0) }.max() ?? 1500
+            try? await Task.sleep(for: .milliseconds(longest + 1000))
+            for client in retired { try? await client.shutdown() }
         }
     }
 }

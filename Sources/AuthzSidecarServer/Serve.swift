@@ -35,26 +35,29 @@ struct Serve: AsyncParsableCommand {
         ]
         MetricsSystem.bootstrap(factory)
 
-        let client = try HTTPTokenIntrospector.makeHTTPClient(for: configuration.introspection)
-        let introspector = HTTPTokenIntrospector(configuration: configuration.introspection, client: client, logger: logger)
+        // The issuer `default` (the top-level introspection block), when there is one.
+        let client = try configuration.introspection.map { try HTTPTokenIntrospector.makeHTTPClient(for: $0) }
+        let introspector = zip2(configuration.introspection, client).map { HTTPTokenIntrospector(configuration: $0, client: $1, logger: logger) }
+        let connections = try IssuerConnections.make(for: configuration.issuers, logger: logger)
         for address in [configuration.server.listen, configuration.server.adminListen].compactMap({ $0 }) {
             if case .unix(let path) = address { try? FileManager.default.removeItem(atPath: path) }
         }
-        let sidecar = Sidecar(configuration: configuration, introspector: introspector, registry: registry, logger: logger)
+        let sidecar = Sidecar(configuration: configuration, introspector: introspector, backends: connections.backends, registry: registry, logger: logger)
         logger.notice(
             "starting",
             metadata: [
                 "authz.version": "\(SidecarVersion.current)",
                 "authz.listen": "\(configuration.server.listen)",
                 "authz.admin_listen": "\(configuration.server.adminListen?.description ?? "same")",
-                "authz.endpoint": "\(configuration.introspection.endpoint)",
+                "authz.endpoint": "\(configuration.introspection?.endpoint ?? "none")",
+                "authz.issuers": "\(configuration.allIssuers.map { "\($0.name):\($0.validation.rawValue)" }.joined(separator: ","))",
                 "authz.policies": "\(configuration.policies.map(\.name).joined(separator: ","))",
             ]
         )
         let group = ServiceGroup(
             configuration: .init(
                 // The reloader owns the AS client: it starts first and so stops last.
-                services: [.init(service: ConfigReloader(path: path, configuration: configuration, client: client, sidecar: sidecar, logger: logger))]
+                services: [.init(service: ConfigReloader(path: path, configuration: configuration, client: client, connections: connections, sidecar: sidecar, logger: logger))]
                     + sidecar.services.map { .init(service: $0) },
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger
@@ -62,4 +65,10 @@ struct Serve: AsyncParsableCommand {
         )
         try await group.run()
     }
+}
+
+/// Both values, when both are present.
+func zip2<A, B>(_ a: A?, _ b: B?) -> (A, B)? {
+    guard let a, let b else { return nil }
+    return (a, b)
 }

@@ -95,7 +95,7 @@ public final class HTTPTokenIntrospector: TokenIntrospector {
             // (to register the request for cancellation), which wakes a thread of the Swift
             // concurrency pool on every miss. Called from a decision running on an event loop,
             // the request is made on that same loop.
-            let collector = IntrospectionResponse(maxBytes: maxResponseBytes)
+            let collector = BoundedResponse(maxBytes: maxResponseBytes)
             let response = try await client.execute(
                 request: request, delegate: collector, deadline: .now() + deadline, logger: logger
             ).futureResult.get()
@@ -113,7 +113,7 @@ public final class HTTPTokenIntrospector: TokenIntrospector {
     }
 
     /// Maps transport errors to the bounded fault kinds.
-    static func fault(from error: any Error) -> IntrospectionError {
+    public static func fault(from error: any Error) -> IntrospectionError {
         if let error = error as? HTTPClientError {
             switch error {
             case .deadlineExceeded, .readTimeout, .writeTimeout, .connectTimeout, .tlsHandshakeTimeout, .getConnectionFromPoolTimeout:
@@ -142,27 +142,28 @@ public final class HTTPTokenIntrospector: TokenIntrospector {
     }
 }
 
-/// Collects an introspection answer: its status, and its body up to a bound. The body of any
-/// other status than 200 is read (so the connection can be reused) and dropped.
+/// Collects an answer from the AS (introspection, discovery, key sets): its status, and its body
+/// up to a bound. The body of any other status than 200 is read (so the connection can be
+/// reused) and dropped.
 ///
 /// AsyncHTTPClient calls a delegate on the request's event loop, one call at a time.
-private final class IntrospectionResponse: HTTPClientResponseDelegate, @unchecked Sendable {
-    typealias Response = (status: HTTPResponseStatus, body: ByteBuffer)
+public final class BoundedResponse: HTTPClientResponseDelegate, @unchecked Sendable {
+    public typealias Response = (status: HTTPResponseStatus, body: ByteBuffer)
 
     private let maxBytes: Int
     private var status: HTTPResponseStatus = .ok
     private var body = ByteBuffer()
 
-    init(maxBytes: Int) {
+    public init(maxBytes: Int) {
         self.maxBytes = maxBytes
     }
 
-    func didReceiveHead(task: HTTPClient.Task<Response>, _ head: HTTPResponseHead) -> EventLoopFuture<Void> {
+    public func didReceiveHead(task: HTTPClient.Task<Response>, _ head: HTTPResponseHead) -> EventLoopFuture<Void> {
         status = head.status
         return task.eventLoop.makeSucceededVoidFuture()
     }
 
-    func didReceiveBodyPart(task: HTTPClient.Task<Response>, _ buffer: ByteBuffer) -> EventLoopFuture<Void> {
+    public func didReceiveBodyPart(task: HTTPClient.Task<Response>, _ buffer: ByteBuffer) -> EventLoopFuture<Void> {
         guard status == .ok else { return task.eventLoop.makeSucceededVoidFuture() }
         guard body.readableBytes + buffer.readableBytes <= maxBytes else {
             return task.eventLoop.makeFailedFuture(IntrospectionError.tooLarge(maxBytes))
@@ -172,7 +173,7 @@ private final class IntrospectionResponse: HTTPClientResponseDelegate, @unchecke
         return task.eventLoop.makeSucceededVoidFuture()
     }
 
-    func didFinishRequest(task: HTTPClient.Task<Response>) throws -> Response {
+    public func didFinishRequest(task: HTTPClient.Task<Response>) throws -> Response {
         (status, body)
     }
 }

@@ -19,6 +19,9 @@ public enum IntrospectionError: Error, Sendable, Equatable, CustomStringConverti
     case overloaded
     /// Any other transport failure.
     case transport(String)
+    /// The issuer's signing keys could not be obtained (discovery or key set fetch failed, or the
+    /// set has no usable key), so a JWT can be neither accepted nor refused (DESIGN.md §9).
+    case keysUnavailable(String)
 
     /// A bounded label for metrics and logs.
     public var label: String {
@@ -31,6 +34,7 @@ public enum IntrospectionError: Error, Sendable, Equatable, CustomStringConverti
         case .tooLarge: return "too_large"
         case .overloaded: return "overloaded"
         case .transport: return "transport"
+        case .keysUnavailable: return "keys_unavailable"
         }
     }
 
@@ -47,6 +51,7 @@ public enum IntrospectionError: Error, Sendable, Equatable, CustomStringConverti
         case .tooLarge(let limit): return "introspection response larger than \(limit) bytes"
         case .overloaded: return "too many introspection calls waiting"
         case .transport(let detail): return "introspection failed: \(detail)"
+        case .keysUnavailable(let detail): return "the issuer's signing keys are unavailable: \(detail)"
         }
     }
 }

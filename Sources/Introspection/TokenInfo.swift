@@ -27,6 +27,9 @@ public struct TokenInfo: Sendable, Equatable {
     /// Members that are not modelled above (Keycloak's `clientId`, `typ`, `azp`,
     /// `preferred_username`, custom claims), for the header fallbacks and `forward_claims`.
     public var extra: [String: JSONValue] { get { box.members.extra } set { unique().members.extra = newValue } }
+    /// Why a locally validated token (a JWT) was refused; set only on inactive answers. An
+    /// introspected inactive token has none: the AS gives no reason.
+    public var rejection: String? { get { box.members.rejection } set { unique().members.rejection = newValue } }
 
     /// The members, behind one reference. A cached token is copied several times per decision
     /// (out of the cache, into the grant, into the answer); as a plain struct each copy retained
@@ -49,6 +52,7 @@ public struct TokenInfo: Sendable, Equatable {
         var jwkThumbprint: String?
         var otherConfirmation: String?
         var extra: [String: JSONValue]
+        var rejection: String?
     }
 
     /// Mutated only while uniquely referenced (`unique()`), so sharing it across threads is safe.
@@ -108,13 +112,21 @@ public struct TokenInfo: Sendable, Equatable {
             certificateThumbprint: certificateThumbprint,
             jwkThumbprint: jwkThumbprint,
             otherConfirmation: otherConfirmation,
-            extra: extra
+            extra: extra,
+            rejection: nil
         ))
     }
 
     /// The answer for every token the AS does not vouch for; all other members are dropped
     /// (RFC 7662 §2.2: an inactive response carries no other information we may use).
     public static let inactive = TokenInfo(active: false)
+
+    /// An inactive answer for a token refused by local validation, with the reason for the log.
+    public static func rejected(_ why: String) -> TokenInfo {
+        var info = TokenInfo(active: false)
+        info.rejection = why
+        return info
+    }
 
     /// The scopes, split on spaces (RFC 6749 §3.3).
     public var scopes: [Substring] {

@@ -22,9 +22,9 @@ struct ConfigurationTests {
         #expect(configuration.server.listen == .tcp(host: "127.0.0.1", port: 9191))
         #expect(configuration.server.adminListen == nil)
         #expect(configuration.server.maxHeaderBytes == 16384)
-        #expect(configuration.introspection.authMethod == .clientSecretBasic)
-        #expect(configuration.introspection.timeoutMilliseconds == 1500)
-        #expect(configuration.introspection.verifyTLS)
+        #expect(configuration.introspection?.authMethod == .clientSecretBasic)
+        #expect(configuration.introspection?.timeoutMilliseconds == 1500)
+        #expect(configuration.introspection?.verifyTLS == true)
         #expect(configuration.cache == CacheConfiguration(ttlSeconds: 30, negativeTTLSeconds: 5, maxEntries: 100_000, staleIfErrorSeconds: 0))
         let policy = try #require(configuration.policies.first)
         #expect(policy.pathPrefix == "/token-mtls/")
@@ -136,14 +136,14 @@ struct ConfigurationTests {
     func secrets() throws {
         let withoutSecret = Self.minimal.replacingOccurrences(of: "  client_secret: s3cret\n", with: "")
         let fromEnvironment = try SidecarConfiguration.parse(yaml: withoutSecret, environment: ["AUTHZ_INTROSPECTION_CLIENT_SECRET": "from-env"])
-        #expect(fromEnvironment.introspection.clientSecret == Secret("from-env"))
+        #expect(fromEnvironment.introspection?.clientSecret == Secret("from-env"))
         let path = "/tmp/authz-sidecar-test-secret-\(UInt32.random(in: 0...UInt32.max))"
         try "from-file\n".write(toFile: path, atomically: true, encoding: .utf8)
         let fromFile = try SidecarConfiguration.parse(
             yaml: withoutSecret.replacingOccurrences(of: "  client_id: introspection-client\n", with: "  client_id: introspection-client\n  client_secret_file: \(path)\n"),
             environment: ["AUTHZ_INTROSPECTION_CLIENT_SECRET": "from-env"]
         )
-        #expect(fromFile.introspection.clientSecret == Secret("from-file"))
+        #expect(fromFile.introspection?.clientSecret == Secret("from-file"))
         let inline = try SidecarConfiguration.parse(yaml: Self.minimal)
         #expect(!inline.effectiveYAML.contains("s3cret"))
         #expect(inline.effectiveYAML.contains("<redacted>"))
