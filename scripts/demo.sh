@@ -9,6 +9,10 @@
 # (scripts/idp-glewlwyd.sh), the sidecar, the echo upstream and nginx (deploy/nginx.conf rendered
 # into demo-work/), replays the scenario with curl, and stops everything it started on exit.
 #
+# Then the same stack with JWT access tokens verified locally: Glewlwyd's access tokens are RS256
+# JWTs (RFC 9068); the sidecar is restarted with an `issuers:` entry (validation: jwt) that takes
+# the keys from Glewlwyd's discovery document and JWKS, and no introspection at all.
+#
 # Usage: scripts/demo.sh            (as root, from anywhere)
 # Environment:
 #   AUTHZ_SIDECAR_BIN   use this binary instead of building one
@@ -88,6 +92,17 @@ echo "PID $ECHO_PID"
 
 # ------------------------------------------------------------------------------ 6. sidecar
 section "6. authz-sidecar on 127.0.0.1:$SIDECAR_PORT"
+start_sidecar() {  # CONFIG-FILE -> check-config, serve, wait for /healthz; sets SIDECAR_PID
+  AUTHZ_INTROSPECTION_CLIENT_SECRET="$IDP_INTROSPECTION_CLIENT_SECRET" \
+    "$BIN" check-config --config "$1" > "$WORK/logs/check-config.txt" 2>&1 \
+    || { cat "$WORK/logs/check-config.txt"; die "check-config failed"; }
+  AUTHZ_INTROSPECTION_CLIENT_SECRET="$IDP_INTROSPECTION_CLIENT_SECRET" \
+    "$BIN" serve --config "$1" >> "$WORK/logs/sidecar.log" 2>&1 &
+  SIDECAR_PID=$!
+  python3 "$REPO/scripts/stack.py" wait-http "http://127.0.0.1:$SIDECAR_PORT/healthz" \
+    || { tail -20 "$WORK/logs/sidecar.log"; die "the sidecar did not start"; }
+  echo "PID $SIDECAR_PID"
+}
 cat > "$WORK/sidecar.yaml" <<YAML
 server:
   listen: 127.0.0.1:$SIDECAR_PORT
@@ -114,25 +129,20 @@ policies:
     certificate_format: auto
 YAML
 cat "$WORK/sidecar.yaml"
-AUTHZ_INTROSPECTION_CLIENT_SECRET="$IDP_INTROSPECTION_CLIENT_SECRET" \
-  "$BIN" check-config --config "$WORK/sidecar.yaml" > "$WORK/logs/check-config.txt" 2>&1 \
-  || { cat "$WORK/logs/check-config.txt"; die "check-config failed"; }
-AUTHZ_INTROSPECTION_CLIENT_SECRET="$IDP_INTROSPECTION_CLIENT_SECRET" \
-  "$BIN" serve --config "$WORK/sidecar.yaml" > "$WORK/logs/sidecar.log" 2>&1 &
-SIDECAR_PID=$!
-python3 "$REPO/scripts/stack.py" wait-http "http://127.0.0.1:$SIDECAR_PORT/healthz" \
-  || { tail -20 "$WORK/logs/sidecar.log"; die "the sidecar did not start"; }
-echo "PID $SIDECAR_PID"
+start_sidecar "$WORK/sidecar.yaml"
 
 # ------------------------------------------------------------------------------ 7. nginx
 section "7. nginx (mTLS) on https://localhost:$NGINX_PORT"
 CONF=$(python3 "$REPO/scripts/stack.py" render-nginx --workdir "$WORK/nginx" --certs "$WORK/certs" \
   --nginx-port "$NGINX_PORT" --sidecar-port "$SIDECAR_PORT" --upstream-port "$ECHO_PORT")
 nginx -t -q -e "$WORK/nginx/logs/error.log" -c "$CONF"
-nginx -e "$WORK/nginx/logs/error.log" -c "$CONF" > "$WORK/logs/nginx.stdout" 2>&1 &
-NGINX_PID=$!
-python3 "$REPO/scripts/stack.py" wait-port "127.0.0.1:$NGINX_PORT" \
-  || { tail -20 "$WORK/nginx/logs/error.log"; die "nginx did not start"; }
+start_nginx() {  # sets NGINX_PID
+  nginx -e "$WORK/nginx/logs/error.log" -c "$CONF" >> "$WORK/logs/nginx.stdout" 2>&1 &
+  NGINX_PID=$!
+  python3 "$REPO/scripts/stack.py" wait-port "127.0.0.1:$NGINX_PORT" \
+    || { tail -20 "$WORK/nginx/logs/error.log"; die "nginx did not start"; }
+}
+start_nginx
 echo "PID $NGINX_PID, config $CONF (rendered from deploy/nginx.conf)"
 
 # ------------------------------------------------------------------------------ 8. scenario
@@ -189,6 +199,78 @@ bash "$REPO/scripts/idp-glewlwyd.sh" --stop "$WORK/idp"
 IDP_STARTED=no
 scenario "authorization server down, token not cached -> 503" 503 client1 "$SPARE_TOKEN" /token-mtls/resource
 scenario "authorization server down, cached token still allowed -> 200" 200 client1 "$TOKEN" /token-mtls/resource
+
+# ------------------------------------------------------------------------------ 9. JWT access tokens
+section "9. JWT access tokens verified locally"
+echo "Glewlwyd's access tokens are JWTs signed with a key it publishes (jwks_uri of its discovery"
+echo "document): the sidecar can verify them itself, with no call to the authorization server."
+bash "$REPO/scripts/idp-glewlwyd.sh" --start "$WORK/idp"
+IDP_STARTED=yes
+JWT_TOKEN=$(get_token)
+JWT_SPARE=$(get_token)       # obtained now, first shown to the sidecar after the AS has gone away
+[ -n "$JWT_TOKEN" ] && [ "$JWT_TOKEN" != null ] && [ -n "$JWT_SPARE" ] && [ "$JWT_SPARE" != null ] \
+  || die "no token from $IDP_TOKEN_URL"
+jwt_part() {  # TOKEN N -> the JSON of part N (1 = header, 2 = payload)
+  python3 -c 'import base64, json, sys; p = sys.argv[1].split(".")[int(sys.argv[2]) - 1]
+print(json.dumps(json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4))), separators=(",", ":")))' "$1" "$2"
+}
+echo "a token's header:  $(jwt_part "$JWT_TOKEN" 1)"
+echo "and its claims:    $(jwt_part "$JWT_TOKEN" 2 | jq -c '{iss, aud, client_id, scope, exp, cnf}')"
+echo "discovery:         $IDP_DISCOVERY_URL -> jwks_uri $(curl -sS --max-time 10 --cacert "$IDP_CA" "$IDP_DISCOVERY_URL" | jq -r .jwks_uri)"
+
+echo "restarting the sidecar (same port, same nginx) with an issuers: entry and no introspection:"
+stop_pid "$NGINX_PID" nginx
+NGINX_PID=""
+stop_pid "$SIDECAR_PID" authz-sidecar
+SIDECAR_PID=""
+cat > "$WORK/sidecar-jwt.yaml" <<YAML
+server:
+  listen: 127.0.0.1:$SIDECAR_PORT
+cache:
+  ttl_seconds: 30
+  negative_ttl_seconds: 5
+issuers:
+  - name: glewlwyd
+    issuer: $IDP_ISSUER
+    # verified locally: signature (keys from discovery + JWKS), iss, exp, aud, typ at+jwt, cnf
+    validation: jwt
+    audiences: [system-access]
+    # trust roots for <issuer>/.well-known/openid-configuration and the jwks_uri it names
+    ca_file: $IDP_CA
+    jwks_cache_seconds: 300
+    jwks_min_refetch_seconds: 1
+policies:
+  - name: token-mtls
+    match: { path_prefix: /token-mtls/ }
+    required_scopes: [system-access]
+    certificate_header: X-Client-Cert
+    certificate_format: auto
+  - name: admin
+    match: { path_prefix: /admin-api/ }
+    required_scopes: [admin]
+    certificate_header: X-Client-Cert
+    certificate_format: auto
+YAML
+cat "$WORK/sidecar-jwt.yaml"
+start_sidecar "$WORK/sidecar-jwt.yaml"
+start_nginx
+echo "nginx PID $NGINX_PID"
+
+scenario "JWT: client1 with its bound JWT -> 200, verified by the sidecar" 200 client1 "$JWT_TOKEN" /token-mtls/resource
+scenario "JWT: client2 presents client1's JWT -> 401 (cnf.x5t#S256 binding)" 401 client2 "$JWT_TOKEN" /token-mtls/resource
+
+N=$((N + 1))
+section "Scenario $N: JWT: no introspection call was made"
+METRICS=$(curl -sS --max-time 10 "http://127.0.0.1:$SIDECAR_PORT/metrics")
+grep -E '^authz_(introspection_calls|jwks_fetches|jwt_verifications)_total' <<<"$METRICS" | sed 's/^/  /' || true
+CALLS=$(awk '/^authz_introspection_calls_total/ { n += $NF } END { print n + 0 }' <<<"$METRICS")
+echo "authz_introspection_calls_total: $CALLS"
+if [ "$CALLS" = 0 ]; then echo "-> 0 as expected"; else echo "-> UNEXPECTED: wanted 0"; FAILS=$((FAILS + 1)); fi
+
+section "Stopping the authorization server again"
+bash "$REPO/scripts/idp-glewlwyd.sh" --stop "$WORK/idp"
+IDP_STARTED=no
+scenario "JWT: authorization server down, a JWT never seen before -> 200 (keys already fetched)" 200 client1 "$JWT_SPARE" /token-mtls/resource
 
 section "Summary"
 if [ "$FAILS" -eq 0 ]; then

@@ -5,13 +5,32 @@
 #     (RFC 8705 §2.1) by client1's certificate and bound to it (cnf.x5t#S256, RFC 8705 §3);
 #   * RFC 7662 introspection for "introspection-client" (client_secret_basic).
 #
+#   * access tokens are RS256 JWTs (header typ at+jwt, RFC 9068) whose keys are published at the
+#     issuer's jwks_uri (discovery: <issuer>/.well-known/openid-configuration);
+#   * RFC 8707 resource indicators: resource=$IDP_RESOURCE at the token endpoint gives aud=$IDP_RESOURCE
+#     (without it aud is the scope name, "system-access").
+#
 # Usage:
 #   scripts/idp-glewlwyd.sh WORKDIR          install (if needed), configure, start, verify
 #   scripts/idp-glewlwyd.sh --stop WORKDIR   stop the glewlwyd this script started (PID in WORKDIR/glewlwyd.pid)
+#   scripts/idp-glewlwyd.sh --start WORKDIR  start a stopped WORKDIR again (same port, database, clients, keys)
+#   scripts/idp-glewlwyd.sh --rotate WORKDIR STEP
+#                                            change the access-token signing keys through the admin API
+#                                            (GET/PUT /api/mod/plugin/oidc, then PUT .../reset), then verify
+#                                            the published JWKS and the kid of a fresh token. STEP:
+#                                              BA  publish [B, A]: new tokens are signed by key B (ES256,
+#                                                  made on first use), tokens signed by A still verify
+#                                              B   publish [B] only: key A is retired
+#                                              A   publish [A] only again (the key the server started with)
+#                                            Key A is the RS256 key of the initial setup, with its kid.
+#                                            WORKDIR/keys.env receives the kids (also written at setup):
+#                                              IDP_KEYS_STEP, IDP_KID_A, IDP_ALG_A, IDP_KID_B, IDP_ALG_B,
+#                                              IDP_SIGNING_KID, IDP_SIGNING_ALG, IDP_PUBLISHED_KIDS (comma list)
 #
 # Environment:
 #   IDP_PORT       HTTPS port on 127.0.0.1 (default 4594; 4593 is the distro service's)
 #   IDP_TOKEN_TTL  access-token lifetime in seconds (default 3600)
+#   IDP_RESOURCE   the RFC 8707 resource allowed for the scope system-access (default https://api.example.test/)
 #   IDP_PKI_DIR    optional: a directory made by scripts/mkcerts.sh (ca.crt, ca.key, client1.*, client2.*);
 #                  its CA signs Glewlwyd's server certificate and its client certs are the ones the
 #                  tokens are bound to, so nginx and Glewlwyd trust the same client certificates.
@@ -31,6 +50,7 @@ MTLS_SCOPE=system-access
 INTRO_CLIENT=introspection-client
 INTRO_SECRET=introspection-secret-$(head -c 12 /dev/urandom | base64 | tr '+/' '-_')
 INTRO_SCOPE=introspect
+RESOURCE="${IDP_RESOURCE:-https://api.example.test/}"
 ADMIN_USER=admin          # Glewlwyd's default admin account (init.sqlite3.sql)
 ADMIN_PASSWORD=password
 
@@ -52,12 +72,183 @@ stop_server() {   # $1 = workdir; stops only the PID recorded there, and only if
   rm -f "$dir/glewlwyd.pid"
 }
 
+start_glewlwyd() {   # uses WORK, BASE_URL, CA; starts glewlwyd on WORK/glewlwyd.conf, sets PID, waits until ready
+  nohup glewlwyd --config-file="$WORK/glewlwyd.conf" >> "$WORK/glewlwyd.stdout" 2>&1 < /dev/null &
+  PID=$!
+  echo "$PID" > "$WORK/glewlwyd.pid"
+  local ready=no
+  for _ in $(seq 1 300); do
+    if curl -sf -o /dev/null --max-time 2 --cacert "$CA" "$BASE_URL/config"; then ready=yes; break; fi
+    [ -d /proc/"$PID" ] || break
+    sleep 0.1
+  done
+  [ "$ready" = yes ] || die "glewlwyd did not become ready (log: $WORK/glewlwyd.log)"
+  [ "$(cat /proc/"$PID"/comm)" = glewlwyd ] || die "PID $PID is not glewlwyd"
+  echo "glewlwyd PID $PID is ready"
+}
+
+api() {  # METHOD PATH [JSON-FILE]; uses WORK, BASE_URL, CA, JAR; fails on HTTP >= 400 (body in WORK/api.out)
+  local m="$1" p="$2" code
+  local args=(-sS --max-time 10 -o "$WORK/api.out" -w '%{http_code}' --cacert "$CA" -b "$JAR" -c "$JAR" -X "$m")
+  [ $# -ge 3 ] && args+=(-H 'Content-Type: application/json' --data @"$3")
+  code=$(curl "${args[@]}" "$BASE_URL/api$p")
+  [ "$code" -lt 400 ] || { echo "admin API $m $p -> HTTP $code: $(cat "$WORK/api.out")" >&2; return 1; }
+}
+
+b64url_json() {   # the JSON of one base64url part of a JWT
+  local s
+  s=$(printf '%s' "$1" | tr '_-' '/+')
+  while [ $(( ${#s} % 4 )) -ne 0 ]; do s="$s="; done
+  printf '%s' "$s" | base64 -d
+}
+
+private_jwk() {   # KEYFILE KID ALG -> the private JWK (RFC 7517/7518) of an RSA or P-256 PEM key, on stdout
+  openssl pkcs8 -topk8 -nocrypt -in "$1" -outform DER | python3 -c '
+import base64, hashlib, json, sys
+der, kid, alg = sys.stdin.buffer.read(), sys.argv[1], sys.argv[2]
+def items(b):   # the (tag, value) list of a DER SEQUENCE body
+    out, i = [], 0
+    while i < len(b):
+        tag, n = b[i], b[i + 1]; i += 2
+        if n & 0x80:
+            k = n & 0x7F; n = int.from_bytes(b[i:i + k], "big"); i += k
+        out.append((tag, b[i:i + n])); i += n
+    return out
+def b64u(b): return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+def uint(b): return b64u(b.lstrip(b"\0") or b"\0")
+version, algid, inner = items(items(der)[0][1])[:3]        # PKCS#8 PrivateKeyInfo
+oids = [v for t, v in items(algid[1]) if t == 0x06]
+if oids[0] == bytes.fromhex("2a864886f70d010101"):         # rsaEncryption: PKCS#1 RSAPrivateKey
+    f = [v for t, v in items(items(inner[1])[0][1])]
+    jwk = dict(zip(("n", "e", "d", "p", "q", "dp", "dq", "qi"), map(uint, f[1:9])), kty="RSA")
+elif oids[0] == bytes.fromhex("2a8648ce3d0201") and oids[1] == bytes.fromhex("2a8648ce3d030107"):   # EC P-256
+    sec1 = dict(items(items(inner[1])[0][1]))              # ECPrivateKey: 0x04 private key, 0xa1 [1] public key
+    pub = items(sec1[0xA1])[0][1][1:]                      # BIT STRING: unused-bits byte, then 04 || x || y
+    assert pub[0] == 4 and len(pub) == 65, "uncompressed P-256 point expected"
+    jwk = {"kty": "EC", "crv": "P-256", "x": b64u(pub[1:33]), "y": b64u(pub[33:]),
+           "d": b64u(sec1[0x04].rjust(32, b"\0"))}
+else:
+    sys.exit("unsupported key type (RSA or P-256 only)")
+if kid == "thumbprint":                                   # RFC 7638 JWK thumbprint
+    members = {"RSA": ("e", "kty", "n"), "EC": ("crv", "kty", "x", "y")}[jwk["kty"]]
+    canon = json.dumps({k: jwk[k] for k in members}, separators=(",", ":"), sort_keys=True).encode()
+    kid = b64u(hashlib.sha256(canon).digest())
+jwk.update(kid=kid, alg=alg)
+print(json.dumps(jwk))
+' "$2" "$3"
+}
+
+client1_token() {   # [RESOURCE] -> a client_credentials access token for client1 (tls_client_auth); uses idp.env values
+  local args=(-sS --max-time 10 --cacert "$IDP_CA" --cert "$IDP_CLIENT1_CERT" --key "$IDP_CLIENT1_KEY"
+              -d grant_type=client_credentials -d client_id="$IDP_MTLS_CLIENT_ID" -d scope="$IDP_MTLS_SCOPE")
+  [ -n "${1:-}" ] && args+=(-d "resource=$1")
+  curl "${args[@]}" "$IDP_TOKEN_URL" | jq -r '.access_token // empty'
+}
+
+write_keys_env() {   # STEP SIGNING_KID SIGNING_ALG PUBLISHED_KIDS; uses WORK, KID_A, KID_B
+  cat > "$WORK/keys.env.tmp" <<KEYS
+# written by scripts/idp-glewlwyd.sh - the access-token signing keys (source it)
+IDP_KEYS_STEP=$1
+IDP_KID_A=$KID_A
+IDP_ALG_A=RS256
+IDP_KID_B=$KID_B
+IDP_ALG_B=${KID_B:+ES256}
+IDP_SIGNING_KID=$2
+IDP_SIGNING_ALG=$3
+IDP_PUBLISHED_KIDS=$4
+KEYS
+  mv "$WORK/keys.env.tmp" "$WORK/keys.env"
+}
+
+load_env() {   # WORKDIR -> sets WORK and the IDP_* variables of its idp.env
+  WORK=$(cd "$1" 2>/dev/null && pwd) || die "$1 is not a directory"
+  [ -e "$WORK/.idp-work" ] && [ -f "$WORK/idp.env" ] && [ -f "$WORK/glewlwyd.conf" ] \
+    || die "$WORK was not set up by this script (run: $0 WORKDIR)"
+  # shellcheck disable=SC1091
+  . "$WORK/idp.env"
+  BASE_URL=$IDP_BASE_URL CA=$IDP_CA PORT=$IDP_PORT
+}
+
+running() {   # true when WORK/glewlwyd.pid names a running glewlwyd
+  local pid
+  [ -f "$WORK/glewlwyd.pid" ] || return 1
+  pid=$(cat "$WORK/glewlwyd.pid")
+  [ -n "$pid" ] && [ "$(cat /proc/"$pid"/comm 2>/dev/null)" = glewlwyd ]
+}
+
 if [ "${1:-}" = "--stop" ]; then
   [ $# -eq 2 ] || die "usage: $0 --stop WORKDIR"
   stop_server "$2"
   exit 0
 fi
-[ $# -eq 1 ] || die "usage: $0 [--stop] WORKDIR"
+
+if [ "${1:-}" = "--start" ]; then
+  [ $# -eq 2 ] || die "usage: $0 --start WORKDIR"
+  load_env "$2"
+  if running; then echo "glewlwyd PID $(cat "$WORK/glewlwyd.pid") is already running on $BASE_URL"; exit 0; fi
+  . "$HERE/lib.sh"
+  port_free "$PORT" || die "something already listens on $HOST:$PORT"
+  log "starting glewlwyd again on $BASE_URL"
+  started_ok=no
+  trap '[ "$started_ok" = yes ] || { tail -n 20 "$WORK/glewlwyd.log" 2>/dev/null || true; stop_server "$WORK"; }' EXIT
+  start_glewlwyd
+  sed -i "s/^IDP_PID=.*/IDP_PID=$PID/" "$WORK/idp.env"
+  started_ok=yes
+  exit 0
+fi
+
+if [ "${1:-}" = "--rotate" ]; then
+  [ $# -eq 3 ] || die "usage: $0 --rotate WORKDIR BA|B|A"
+  STEP="$3"
+  case "$STEP" in BA|B|A) ;; *) die "unknown rotation step '$STEP' (BA, B or A)" ;; esac
+  load_env "$2"
+  running || die "glewlwyd of $WORK is not running (start it with: $0 --start $WORK)"
+  command -v python3 >/dev/null || die "python3 is needed to turn the PEM keys into JWKs"
+  [ -n "${IDP_JWT_KID:-}" ] || die "$WORK/idp.env has no IDP_JWT_KID (made by an older version of this script)"
+  PKI="$WORK/pki"
+  KID_A=$IDP_JWT_KID
+  KID_B=""
+  if [ "$STEP" != A ] && [ ! -f "$PKI/jwt-signing-b.key" ]; then
+    (umask 077; openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$PKI/jwt-signing-b.key" 2>/dev/null)
+  fi
+  [ -f "$PKI/jwt-signing-b.key" ] && KID_B=$(private_jwk "$PKI/jwt-signing-b.key" thumbprint ES256 | jq -r .kid)
+  JWK_A=$(private_jwk "$PKI/jwt-signing.key" "$KID_A" RS256)
+  case "$STEP" in
+    BA) JWKS=$(jq -n --argjson b "$(private_jwk "$PKI/jwt-signing-b.key" "$KID_B" ES256)" --argjson a "$JWK_A" '{keys: [$b, $a]}')
+        SIGN_KID=$KID_B SIGN_ALG=ES256 PUBLISHED="$KID_B,$KID_A" ;;
+    B)  JWKS=$(jq -n --argjson b "$(private_jwk "$PKI/jwt-signing-b.key" "$KID_B" ES256)" '{keys: [$b]}')
+        SIGN_KID=$KID_B SIGN_ALG=ES256 PUBLISHED="$KID_B" ;;
+    A)  JWKS=$(jq -n --argjson a "$JWK_A" '{keys: [$a]}')
+        SIGN_KID=$KID_A SIGN_ALG=RS256 PUBLISHED="$KID_A" ;;
+  esac
+  log "rotation step $STEP: publishing [$PUBLISHED], new tokens signed by $SIGN_KID ($SIGN_ALG)"
+  JAR="$WORK/admin-cookies.txt"
+  J="$WORK/api-json"; mkdir -p "$J"
+  trap 'rm -f "$JAR" "$J/rotate-new.json"' EXIT
+  jq -n --arg u "$IDP_ADMIN_USER" --arg p "$IDP_ADMIN_PASSWORD" '{username:$u,password:$p}' > "$J/login.json"
+  api POST /auth/ "$J/login.json"
+  api GET /mod/plugin/oidc
+  # The first key of jwks-private signs access tokens (default-kid is ignored for them); the PEM
+  # key/cert of the initial setup must go, or it would still be used.
+  (umask 077; jq --arg jwks "$JWKS" --arg kid "$SIGN_KID" \
+     '{display_name, parameters: (.parameters + {"jwks-private": $jwks, "default-kid": $kid} | del(.key, .cert))}' \
+     "$WORK/api.out" > "$J/rotate-new.json")
+  api PUT /mod/plugin/oidc "$J/rotate-new.json"
+  api PUT /mod/plugin/oidc/reset        # a PUT alone does not reload the plugin
+  rm -f "$WORK/api.out"
+  GOT=$(curl -sS --max-time 10 --cacert "$CA" "$IDP_JWKS_URL" | jq -r '[.keys[].kid] | join(",")')
+  [ "$GOT" = "$PUBLISHED" ] || die "the JWKS publishes [$GOT], expected [$PUBLISHED]"
+  AT=$(client1_token)
+  [ -n "$AT" ] || die "no access token after the rotation"
+  HDR=$(b64url_json "${AT%%.*}")
+  [ "$(jq -r .kid <<<"$HDR")" = "$SIGN_KID" ] && [ "$(jq -r .alg <<<"$HDR")" = "$SIGN_ALG" ] \
+    || die "a new token's header is $HDR, expected kid $SIGN_KID alg $SIGN_ALG"
+  write_keys_env "$STEP" "$SIGN_KID" "$SIGN_ALG" "$PUBLISHED"
+  echo "JWKS [$GOT]; a new token's header: $(jq -c . <<<"$HDR"); kids in $WORK/keys.env"
+  exit 0
+fi
+
+[ $# -eq 1 ] || die "usage: $0 [--stop|--start] WORKDIR | --rotate WORKDIR STEP"
 WORK="$1"
 
 # ------------------------------------------------------------------------------ 1. packages
@@ -160,32 +351,16 @@ CONF
 
 # ------------------------------------------------------------------------------ 5. start
 log "starting glewlwyd on $BASE_URL"
-nohup glewlwyd --config-file="$CONF" > "$WORK/glewlwyd.stdout" 2>&1 < /dev/null &
-PID=$!
-echo "$PID" > "$WORK/glewlwyd.pid"
 started_ok=no
 # Any failure from here on stops the server we started (nothing is left running behind a failed run).
 trap '[ "$started_ok" = yes ] || { tail -n 20 "$WORK/glewlwyd.log" "$WORK/glewlwyd.stdout" 2>/dev/null || true; stop_server "$WORK"; }' EXIT
-ready=no
-for _ in $(seq 1 300); do
-  if curl -sf -o /dev/null --max-time 2 --cacert "$PKI/ca.crt" "$BASE_URL/config"; then ready=yes; break; fi
-  [ -d /proc/"$PID" ] || break
-  sleep 0.1
-done
-[ "$ready" = yes ] || die "glewlwyd did not become ready (log: $WORK/glewlwyd.log)"
-[ "$(cat /proc/"$PID"/comm)" = glewlwyd ] || die "PID $PID is not glewlwyd"
-echo "glewlwyd PID $PID is ready"
+CA="$PKI/ca.crt"
+: > "$WORK/glewlwyd.stdout"
+start_glewlwyd
 
 # ------------------------------------------------------------------------------ 6. scopes, plugin, clients (admin REST API)
 JAR="$WORK/admin-cookies.txt"
 J="$WORK/api-json"; mkdir -p "$J"
-api() {  # METHOD PATH [JSON-FILE]; fails on HTTP >= 400
-  local m="$1" p="$2" code
-  local args=(-sS --max-time 10 -o "$WORK/api.out" -w '%{http_code}' --cacert "$PKI/ca.crt" -b "$JAR" -c "$JAR" -X "$m")
-  [ $# -ge 3 ] && args+=(-H 'Content-Type: application/json' --data @"$3")
-  code=$(curl "${args[@]}" "$BASE_URL/api$p")
-  [ "$code" -lt 400 ] || { echo "admin API $m $p -> HTTP $code: $(cat "$WORK/api.out")" >&2; return 1; }
-}
 jq -n --arg u "$ADMIN_USER" --arg p "$ADMIN_PASSWORD" '{username:$u,password:$p}' > "$J/login.json"
 api POST /auth/ "$J/login.json"
 for s in "$MTLS_SCOPE" "$INTRO_SCOPE"; do
@@ -193,7 +368,8 @@ for s in "$MTLS_SCOPE" "$INTRO_SCOPE"; do
   api POST /scope/ "$J/scope-$s.json"
 done
 jq -n --rawfile key "$PKI/jwt-signing.key" --rawfile cert "$PKI/jwt-signing.pub" \
-      --arg iss "$BASE_URL/api/$PLUGIN" --arg name "$PLUGIN" --argjson ttl "$TOKEN_TTL" --arg iscope "$INTRO_SCOPE" '{
+      --arg iss "$BASE_URL/api/$PLUGIN" --arg name "$PLUGIN" --argjson ttl "$TOKEN_TTL" --arg iscope "$INTRO_SCOPE" \
+      --arg scope "$MTLS_SCOPE" --arg resource "$RESOURCE" '{
   module: "oidc", name: $name, display_name: "OIDC for authz-sidecar tests", enabled: true,
   parameters: {
     iss: $iss, "jwt-type": "rsa", "jwt-key-size": "256", key: $key, cert: $cert,
@@ -207,10 +383,13 @@ jq -n --rawfile key "$PKI/jwt-signing.key" --rawfile cert "$PKI/jwt-signing.pub"
     "client-cert-self-signed-allowed": false,
     "introspection-revocation-allowed": true,
     "introspection-revocation-allow-target-client": true,
-    "introspection-revocation-auth-scope": [$iscope]
+    "introspection-revocation-auth-scope": [$iscope],
+    "resource-allowed": true, "resource-scope": {($scope): [$resource]}, "resource-scope-and-client-property": false
   }}' > "$J/plugin.json"
 # "introspection-revocation-auth-scope" is needed even with client_secret_basic: without it
 # glewlwyd 2.7.5 only lets a client introspect its own tokens ({"active":false} for the others).
+# "resource-*" (RFC 8707): a token request with resource=$RESOURCE gets aud=$RESOURCE; without a
+# resource parameter aud stays the scope name.
 api POST /mod/plugin/ "$J/plugin.json"
 jq -n --arg id "$MTLS_CLIENT" --arg scope "$MTLS_SCOPE" --arg dn "$CLIENT1_DN" '{
   client_id: $id, name: $id, description: "RFC 8705 tls_client_auth client bound to client1",
@@ -253,6 +432,9 @@ IDP_INTROSPECTION_CLIENT_ID=$INTRO_CLIENT
 IDP_INTROSPECTION_CLIENT_SECRET=$INTRO_SECRET
 IDP_ADMIN_USER=$ADMIN_USER
 IDP_ADMIN_PASSWORD=$ADMIN_PASSWORD
+IDP_WORKDIR=$WORK
+IDP_RESOURCE=$RESOURCE
+IDP_KEYS_ENV=$WORK/keys.env
 ENV
 umask 022
 
@@ -278,12 +460,28 @@ code=$("${CURL[@]}" -o /dev/null -w '%{http_code}' --cert "$PKI/client2.crt" --k
 [ "$code" = 403 ] || die "client2 got HTTP $code from the token endpoint (want 403)"
 echo "client2's certificate is refused by the token endpoint (HTTP 403), as it must be"
 
+log "verifying: the access token is a JWT signed by the key the JWKS publishes"
+KIDS=$("${CURL[@]}" "$OIDC/jwks" | jq -r '[.keys[].kid] | join(",")')
+HDR=$(b64url_json "${AT%%.*}")
+echo "token header: $(jq -c . <<<"$HDR"); JWKS kids: [$KIDS]"
+[ "$(jq -r .typ <<<"$HDR")" = at+jwt ] && [ "$(jq -r .alg <<<"$HDR")" = RS256 ] || die "unexpected token header $HDR"
+[ -n "$KIDS" ] && [ "$KIDS" = "$(jq -r .kid <<<"$HDR")" ] || die "the JWKS publishes [$KIDS], the token names $(jq -r .kid <<<"$HDR")"
+echo "IDP_JWT_KID=$KIDS" >> "$WORK/idp.env"
+KID_A=$KIDS KID_B=""
+write_keys_env initial "$KIDS" RS256 "$KIDS"
+set -a; . "$WORK/idp.env"; set +a
+RAT=$(client1_token "$RESOURCE")
+[ -n "$RAT" ] && [ "$(b64url_json "$(cut -d. -f2 <<<"$RAT")" | jq -r .aud)" = "$RESOURCE" ] \
+  || die "a token requested with resource=$RESOURCE does not have aud=$RESOURCE"
+echo "resource=$RESOURCE at the token endpoint gives aud=$RESOURCE (RFC 8707)"
+
 started_ok=yes
 cat <<SUMMARY
 glewlwyd PID $PID on $BASE_URL (issuer $OIDC)
   token endpoint:      $OIDC/token      (tls_client_auth: --cert client1.crt, client_id=$MTLS_CLIENT)
   introspection:       $OIDC/introspect (Basic $INTRO_CLIENT:<secret in idp.env>)
+  JWKS:                $OIDC/jwks       (kid $KIDS; rotate with: $0 --rotate $WORK BA|B|A)
   env file:            $WORK/idp.env
   log:                 $WORK/glewlwyd.log
-  stop with:           $0 --stop $WORK
+  stop with:           $0 --stop $WORK   (start again with --start)
 SUMMARY

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # test.sh - everything CI runs (.ci/run execs this):
-#   1. prerequisites: apt packages for the integration suite, pytest (into .venv/ if needed)
+#   1. prerequisites: apt packages for the integration suite, pytest and cryptography (into .venv/ if needed)
 #   2. swift build --build-tests           (one build of the package and its tests)
 #   3. swift test --skip-build             (Swift unit tests)
 #   4. pytest tests/integration -q         (nginx + sidecar + fake AS, and Glewlwyd end to end)
@@ -59,14 +59,24 @@ if [ "$RUN_INTEGRATION" = yes ]; then
        ca-certificates python3; then
     record "prerequisites (apt)" 1; finish
   fi
-  if python3 -c 'import pytest' 2>/dev/null; then
+  # Python modules the integration suite imports: pytest, and cryptography (the JWT tests forge
+  # and sign tokens with it). Into python3 itself when pytest is there (pip may refuse an
+  # externally managed interpreter: then everything goes into .venv).
+  PY_IMPORTS='import pytest, cryptography'
+  if python3 -c 'import pytest' 2>/dev/null && ! python3 -c "$PY_IMPORTS" 2>/dev/null; then
+    echo "cryptography is not importable: pip-installing it into $(command -v python3)"
+    python3 -m pip install -q cryptography 2>/dev/null || echo "(pip refused; using $REPO/.venv instead)"
+  fi
+  if python3 -c "$PY_IMPORTS" 2>/dev/null; then
     PYTEST=(python3 -m pytest)
   else
-    if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pytest' 2>/dev/null; then
-      echo "pytest is not importable: installing it into $REPO/.venv"
-      python3 -m venv .venv 2>/dev/null || { ensure_packages python3-venv && python3 -m venv .venv; } \
+    if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "$PY_IMPORTS" 2>/dev/null; then
+      echo "pytest or cryptography is not importable: installing them into $REPO/.venv"
+      [ -x .venv/bin/python ] || python3 -m venv .venv 2>/dev/null \
+        || { ensure_packages python3-venv && python3 -m venv .venv; } \
         || { record "prerequisites (venv)" 1; finish; }
-      .venv/bin/python -m pip install -q pytest || { record "prerequisites (pip install pytest)" 1; finish; }
+      .venv/bin/python -m pip install -q pytest cryptography \
+        || { record "prerequisites (pip install pytest cryptography)" 1; finish; }
     fi
     PYTEST=(.venv/bin/python -m pytest)
   fi

@@ -179,6 +179,11 @@ public final class Authorizer: Sendable {
     /// The issuer's caches, every one: a purge must reach a token wherever it was validated.
     public var caches: [CachingTokenIntrospector] { issuers.map(\.cache) }
 
+    /// The cache of the issuer named `name`.
+    public func cache(for name: String) -> CachingTokenIntrospector? {
+        issuers.first { $0.name == name }?.cache
+    }
+
     /// The cache of the issuer `default`, else of the first issuer.
     public var cache: CachingTokenIntrospector { issuers[0].cache }
 
