@@ -13,6 +13,7 @@ let package = Package(
         .executable(name: "authz-bench", targets: ["AuthzBench"]),
         .library(name: "Introspection", targets: ["Introspection"]),
         .library(name: "AuthzSidecar", targets: ["AuthzSidecar"]),
+        .library(name: "JOSE", targets: ["JOSE"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),
@@ -130,6 +131,9 @@ let package = Package(
             name: "AuthzBench",
             dependencies: [
                 "Introspection",
+                "JOSE",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "CryptoExtras", package: "swift-crypto"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

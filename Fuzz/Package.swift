@@ -7,6 +7,7 @@ import PackageDescription
 // was cloned; `.package(name:path:)` pins the name the product references use.
 let sidecar = Target.Dependency.product(name: "AuthzSidecar", package: "authz-sidecar")
 let introspection = Target.Dependency.product(name: "Introspection", package: "authz-sidecar")
+let jose = Target.Dependency.product(name: "JOSE", package: "authz-sidecar")
 
 let package = Package(
     name: "authz-sidecar-fuzz",
@@ -21,6 +22,7 @@ let package = Package(
         .executableTarget(name: "FuzzXFCC", dependencies: [sidecar]),
         .executableTarget(name: "FuzzIntrospectionResponse", dependencies: [introspection]),
         .executableTarget(name: "FuzzConfig", dependencies: [sidecar]),
+        .executableTarget(name: "FuzzJOSE", dependencies: [jose, introspection]),
         .executableTarget(name: "FuzzPaths", dependencies: [sidecar, introspection, .product(name: "NIOHTTP1", package: "swift-nio")]),
     ]
 )

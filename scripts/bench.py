@@ -26,6 +26,7 @@ import atexit
 import datetime
 import hashlib
 import http.client
+import http.server
 import json
 import os
 import platform
@@ -38,6 +39,7 @@ import ssl
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import uuid
@@ -53,6 +55,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 NGINX_BIN = os.environ.get("NGINX_BIN") or shutil.which("nginx") or "/usr/sbin/nginx"
 WRK_BIN = shutil.which("wrk") or "/usr/bin/wrk"
 AS_CLIENT_ID, AS_CLIENT_SECRET = "bench-client", "bench-secret"
+JWT_POOL = 5000          # distinct tokens per algorithm; more than the JWT sidecar's 1,000 cache entries
 COLD_AS_LATENCY_MS = 2
 SLOW_AS_LATENCY_MS = 250
 COALESCE_CLIENTS = 1000
@@ -429,7 +432,65 @@ policies:
         if len(self.sc_sock) > 100:
             self.sc_sock = f"/tmp/authz-bench-{os.getpid()}.sock"
         self.sc_unix_proc = self.start_sidecar("sidecar-unix", f"unix:{self.sc_sock}", self.as_port)
+        self.start_jwt()
         self.start_nginx()
+
+    def start_jwt(self) -> None:
+        """A sidecar that verifies JWT access tokens locally (issue 12): its issuer's key set is served
+        by a thread of this script, and `authz-bench jwt-fixtures` signs pools of distinct tokens
+        (RS256 and ES256), bound to client1's certificate like the introspection rows' token. The
+        cache holds 1,000 entries, so cycling through a pool of JWT_POOL tokens misses every time:
+        each request is a first sight (parse, verify, read the claims, cache them, evict one)."""
+        self.jwt_dir = self.work / "jwt"
+        self.jwt_dir.mkdir()
+        handler_dir = str(self.jwt_dir)
+
+        class KeySet(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, directory=handler_dir, **kw)
+
+            def log_message(self, *_a):
+                pass
+
+        self.jwks_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), KeySet)
+        threading.Thread(target=self.jwks_server.serve_forever, daemon=True).start()
+        issuer = f"http://127.0.0.1:{self.jwks_server.server_address[1]}"
+        log(f"signing {JWT_POOL} RS256 and {JWT_POOL} ES256 tokens (authz-bench jwt-fixtures)")
+        subprocess.run([self.bench_bin, "jwt-fixtures", "--dir", str(self.jwt_dir), "--issuer", issuer,
+                        f"--thumbprint={self.thumbprint}", "--audience", "api", "--count", str(JWT_POOL)],
+                       check=True, stdout=subprocess.DEVNULL, timeout=300)
+        self.jwt_bare_us = {}
+        for alg in ("RS256", "ES256"):
+            out = subprocess.run([self.bench_bin, "jwt-verify", "--dir", str(self.jwt_dir), "--alg", alg,
+                                  "--seconds", "1" if self.quick else "3"], check=True, capture_output=True, text=True,
+                                 timeout=60).stdout.strip()
+            self.jwt_bare_us[alg] = float(out)
+        self.jwt_hit_token = (self.jwt_dir / "tokens-RS256.txt").read_text().split("\n", 1)[0]
+        conf = self.work / "sidecar-jwt.yaml"
+        self.jwt_port = stack.free_port()
+        conf.write_text(f"""# written by scripts/bench.py
+server:
+  listen: "127.0.0.1:{self.jwt_port}"
+issuers:
+  - name: bench
+    issuer: "{issuer}"
+    jwks_uri: "{issuer}/jwks.json"
+    audiences: [api]
+cache:
+  ttl_seconds: 300
+  max_entries: 1000
+logging:
+  level: warning
+policies:
+  - name: token-mtls
+    match: {{ path_prefix: /token-mtls/ }}
+    required_scopes: [system-access]
+    certificate_header: X-Client-Cert
+    certificate_format: pem-urlencoded
+""")
+        self.jwt_proc = PROCS.start("sidecar-jwt", [self.sidecar_bin, "serve", "--config", str(conf)],
+                                    self.work / "logs" / "sidecar-jwt.log")
+        stack.wait_http(f"http://127.0.0.1:{self.jwt_port}/healthz", timeout=20, proc=self.jwt_proc)
 
     def sidecar_metrics(self) -> str:
         return http_get(f"http://127.0.0.1:{self.sc_port}/metrics")[2].decode()
@@ -820,7 +881,39 @@ end
                         check_headers=self.hit_headers(token=f"cold-check-{self.run_id}"),
                         counter=lambda: self.as_calls(self.as_port), counter_label="AS calls")
         coldg = Group("cold path", cold_ref, [cold], self.rounds, self.duration)
-        return [direct, nginx, coldg]
+        return [direct, nginx, self.jwt_group(), coldg]
+
+    def jwt_group(self) -> Group:
+        pool_lua = self.work / "jwt-pool.lua"
+        pool_lua.write_text("""-- written by scripts/bench.py: the next token of a pool for every request
+local tokens = {}
+local i = 0
+function init(args)
+  for line in io.lines(args[1]) do
+    if #line > 0 then tokens[#tokens + 1] = line end
+  end
+  i = math.random(#tokens)
+end
+function request()
+  i = i + 1
+  if i > #tokens then i = 1 end
+  wrk.headers["Authorization"] = "Bearer " .. tokens[i]
+  return wrk.format(nil, nil, wrk.headers)
+end
+""")
+        jwt = lambda: [self.jwt_proc.pid]  # noqa: E731
+        url = f"http://127.0.0.1:{self.jwt_port}/authz"
+        ref = Scenario("jwt_ref", "reference NIO (direct)", f"http://127.0.0.1:{self.ref_port}/authz",
+                       self.hit_headers(), lambda: [self.ref_proc.pid])
+        hit_headers = self.hit_headers(token=self.jwt_hit_token)
+        subjects = [Scenario("jwt_hit", "JWT hit: verified claims from the cache, direct", url, hit_headers, jwt,
+                             negative_headers=self.without_token(hit_headers))]
+        for alg in ("RS256", "ES256"):
+            pool = self.jwt_dir / f"tokens-{alg}.txt"
+            subjects.append(Scenario(f"jwt_first_{alg}", f"JWT first sight ({alg}): a new token per request, verified",
+                                     url, self.without_token(hit_headers), jwt, lua=pool_lua,
+                                     lua_args=lambda rnd, pool=pool: [str(pool)], check_headers=hit_headers))
+        return Group("JWT", ref, subjects, self.rounds, self.duration)
 
     def envoy_group(self) -> Optional[Group]:
         if not self.start_envoy():
@@ -1014,6 +1107,7 @@ end
             if parts:
                 self.targets.append(f"- (context) the decision's own cost: sidecar hit CPU against the same HTTP layer writing the same "
                                     f"answer without deciding ({raw_cpu:.1f} µs): {', '.join(parts)}")
+        self.jwt_targets(by_key, met)
         cold = by_key.get("cold")
         if cold and cold.runs and cold.reference and cold.reference.runs:
             ref_p50 = statistics.median(r.p50_ms for r in cold.reference.runs)
@@ -1040,6 +1134,27 @@ end
                                 f"cold path: {b:.0f} bytes per token (upper bound) — **{met(b <= 1024)}**")
         else:
             self.targets.append("- ≤ 1 KiB RSS per cached token — **n/a** (cache-memory did not run)")
+
+    def jwt_targets(self, by_key: dict, met) -> None:
+        hit = by_key.get("jwt_hit")
+        cpu = self.median_ratio(hit, "cpu") if hit else None
+        rps = self.median_ratio(hit, "rps") if hit else None
+        self.targets.append(f"- JWT hit: CPU ≤ 1.15× reference NIO — CPU {cpu if cpu is None else f'{cpu:.2f}×'}, "
+                            f"req/s {rps if rps is None else f'{rps:.2f}×'} — **{met(None if cpu is None else cpu <= 1.15)}**")
+        if not (hit and hit.runs):
+            return
+        hit_us = statistics.median(r.cpu_us_per_req for r in hit.runs)
+        for alg in ("RS256", "ES256"):
+            first = by_key.get(f"jwt_first_{alg}")
+            bare = getattr(self, "jwt_bare_us", {}).get(alg)
+            if not (first and first.runs and bare):
+                self.targets.append(f"- JWT first sight {alg}: **n/a** (not measured)")
+                continue
+            first_us = statistics.median(r.cpu_us_per_req for r in first.runs)
+            bound = hit_us + 1.2 * bare
+            self.targets.append(f"- JWT first sight {alg}: CPU ≤ hit + 1.2 × bare verification — {first_us:.1f} µs/req "
+                                f"(hit {hit_us:.1f} µs + {first_us - hit_us:.1f} µs; bare verification {bare:.1f} µs, "
+                                f"bound {bound:.1f} µs) — **{met(first_us <= bound)}**")
 
     def machine_info(self) -> list[str]:
         cpu = "unknown"
@@ -1091,7 +1206,7 @@ end
         out += ["| scenario | req/s | × ref | p50 ms | p99 ms | CPU µs/req | × ref | reference |",
                 "|---|---:|---:|---:|---:|---:|---:|---|"]
         order = ["ref", "ref_answer", "ref_answer_raw", "hit_nginx", "hit_xfcc", "ng_ref", "ng_ref_answer", "ng_tcp", "ng_unix", "ng_ret200", "ng_introspect",
-                 "ng_decision", "ng_noauth", "cold_ref", "cold"]
+                 "ng_decision", "ng_noauth", "jwt_ref", "jwt_hit", "jwt_first_RS256", "jwt_first_ES256", "cold_ref", "cold"]
         for key in order:
             if key in by_key:
                 out.append("| " + " | ".join(self.row(by_key[key])) + " |")
@@ -1121,7 +1236,7 @@ end
         self.prepare()
         self.start_servers()
         groups = self.groups()
-        hit_groups, cold_group = groups[:2], groups[2]
+        hit_groups, cold_group = groups[:3], groups[3]
         for g in hit_groups:
             self.rows += [g.reference] + g.subjects
             self.measure_group(g)

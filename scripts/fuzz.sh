@@ -2,9 +2,9 @@
 # scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...] - build the libFuzzer targets in Fuzz/ and run
 # each for SECONDS_PER_TARGET (default 600), one after another on one core.
 #
-#   TARGET: FuzzBearer FuzzCertificate FuzzXFCC FuzzIntrospectionResponse FuzzPaths (the
+#   TARGET: FuzzBearer FuzzCertificate FuzzXFCC FuzzIntrospectionResponse FuzzPaths FuzzJOSE (the
 #           default: the parsers of untrusted input), FuzzConfig (operator YAML), or "all" for
-#           the six.
+#           the seven.
 #
 # Seeds come from Fuzz/corpus/<Target> (committed, small); the run works on a copy in
 # $SCRATCH/corpus-work/<Target> (kept between runs), crash/timeout/oom inputs land in
@@ -30,7 +30,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SCRATCH=${FUZZ_SCRATCH:-$ROOT/.build-fuzz}
 SECONDS_PER_TARGET=${1:-600}
 [[ $# -gt 0 ]] && shift
-DEFAULT_TARGETS=(FuzzBearer FuzzCertificate FuzzXFCC FuzzIntrospectionResponse FuzzPaths)
+DEFAULT_TARGETS=(FuzzBearer FuzzCertificate FuzzXFCC FuzzIntrospectionResponse FuzzPaths FuzzJOSE)
 ALL_TARGETS=("${DEFAULT_TARGETS[@]}" FuzzConfig)
 if [[ $# -eq 0 ]]; then
     TARGETS=("${DEFAULT_TARGETS[@]}")
@@ -50,6 +50,7 @@ max_len() {
         FuzzIntrospectionResponse) echo 65536 ;;  # IntrospectionConfiguration.maxResponseBytes 64 KiB
         FuzzConfig) echo 16384 ;;
         FuzzPaths) echo 4096 ;;
+        FuzzJOSE) echo 12288 ;;                  # a JWT within BearerToken.maxLength, small key sets
         *) echo "unknown target $1 (known: ${ALL_TARGETS[*]})" >&2; return 1 ;;
     esac
 }

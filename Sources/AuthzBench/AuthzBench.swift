@@ -13,7 +13,7 @@ struct AuthzBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "authz-bench",
         abstract: "Benchmark helpers for scripts/bench.sh (not part of the product).",
-        subcommands: [Reference.self, FakeAS.self, CacheMemory.self]
+        subcommands: [Reference.self, FakeAS.self, CacheMemory.self, JWTFixtures.self, JWTVerify.self]
     )
 }
 

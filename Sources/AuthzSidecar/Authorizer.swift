@@ -67,14 +67,16 @@ public final class Authorizer: Sendable {
     }
 
     /// The answer without suspending, when no call to the AS is needed: a denial before
-    /// introspection, or a fresh cache hit (the hot path). nil: use `answer(_:)`.
+    /// introspection, a fresh cache hit (the hot path), or a JWT verified with keys in hand.
+    /// nil: use `answer(_:)`.
     public func answerWithoutSuspending(_ request: AccessRequest) -> AuthzAnswer? {
         let started = clock.now()
         switch prepare(request, started: started) {
         case .decided(let outcome, let policy):
             return render(outcome, policy: policy, front: request.front)
-        case .introspect(let evaluation, let issuer, _, let digest):
-            guard let info = issuer.cache.cached(digest) else { return nil }
+        case .introspect(let evaluation, let issuer, let token, let digest):
+            // A hit, or a JWT verified here and now with keys in hand.
+            guard let info = issuer.cache.lookupWithoutSuspending(token: token, digest: digest) else { return nil }
             let decision = evaluation.decide(token: info, request: request, now: clock.now(), issuer: issuer)
             let outcome = Outcome.decision(decision)
             record(outcome, policy: evaluation.policy, digest: digest, request: request, started: started)

@@ -91,6 +91,8 @@ public final class CachingTokenIntrospector: TokenIntrospector {
     }
 
     private let upstream: any TokenIntrospector
+    /// The upstream, when it can answer without suspending.
+    private let synchronousUpstream: (any SynchronousTokenIntrospector)?
     private let configuration: CacheConfiguration
     private let clock: any EpochClock
     private let shards: [Shard]
@@ -106,6 +108,7 @@ public final class CachingTokenIntrospector: TokenIntrospector {
         metrics factory: any MetricsFactory = MetricsSystem.factory
     ) {
         self.upstream = upstream
+        self.synchronousUpstream = upstream as? any SynchronousTokenIntrospector
         self.configuration = configuration
         self.clock = clock
         let shardCount = max(1, min(shardCount, configuration.maxEntries))
@@ -130,6 +133,30 @@ public final class CachingTokenIntrospector: TokenIntrospector {
         }
         if let info, info.active, info.hasExpired(at: clock.now()) { return nil }
         if info != nil { metrics.hits.increment() }
+        return info
+    }
+
+    /// A fresh cached answer, or on a miss the upstream's answer when it can give one without
+    /// suspending (cached like any other). nil: use `lookup`. A lookup already in flight for the
+    /// token is not duplicated: its waiters get its answer.
+    public func lookupWithoutSuspending(token: String, digest: TokenDigest) -> TokenInfo? {
+        if let info = cached(digest) { return info }
+        guard let synchronousUpstream else { return nil }
+        let shard = shards[digest.shard(of: shards.count)]
+        guard shard.state.withLockedValue({ $0.flights[digest] == nil }) else { return nil }
+        guard let info = synchronousUpstream.introspectWithoutSuspending(token) else { return nil }
+        metrics.misses.increment()
+        let now = clock.now()
+        let uptime = clock.uptime()
+        let (fresh, staleUntil) = lifetime(of: info, now: now, uptime: uptime)
+        if fresh > uptime {
+            shard.state.withLockedValue { state in
+                let evicted = info.active
+                    ? state.entries.insert(digest, value: info, freshUntil: fresh, staleUntil: staleUntil, now: uptime)
+                    : state.negatives.insert(digest, value: info, freshUntil: fresh, staleUntil: staleUntil, now: uptime)
+                if evicted > 0 { metrics.evictions.increment(by: evicted) }
+            }
+        }
         return info
     }
 

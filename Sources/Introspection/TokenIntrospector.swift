@@ -6,6 +6,13 @@ public protocol TokenIntrospector: Sendable {
     func introspect(_ token: String) async throws(IntrospectionError) -> TokenInfo
 }
 
+/// An introspector that can often answer without suspending (a JWT verified with keys it already
+/// holds): the cache then fills a miss on the calling thread, with no task or hop to another
+/// thread. nil means the answer needs I/O: use `introspect`.
+public protocol SynchronousTokenIntrospector: TokenIntrospector {
+    func introspectWithoutSuspending(_ token: String) -> TokenInfo?
+}
+
 /// An introspector made from a closure: for tests and for wiring.
 public struct ClosureTokenIntrospector: TokenIntrospector {
     private let body: @Sendable (String) async throws(IntrospectionError) -> TokenInfo

@@ -67,8 +67,14 @@ public final class HTTPKeySetFetcher: Sendable {
                     problems.append("\(url): its \"issuer\" is not \(issuer)")
                     continue
                 }
-                guard case .string(let uri)? = document["jwks_uri"], uri.hasPrefix("https://") || uri.hasPrefix("http://") else {
+                guard case .string(let uri)? = document["jwks_uri"] else {
                     problems.append("\(url): no \"jwks_uri\"")
+                    continue
+                }
+                // The same rule as for a configured URL: https, or plain http to loopback only
+                // (unless `insecure`), so that no one on the network path can hand us keys.
+                guard uri.hasPrefix("https://") || (uri.hasPrefix("http://") && (configuration.insecure || Self.isLoopbackURL(uri))) else {
+                    problems.append("\(url): its jwks_uri is not https (plain http only to loopback, or with insecure: true)")
                     continue
                 }
                 discovered.withLockedValue { $0 = uri }
@@ -78,6 +84,24 @@ public final class HTTPKeySetFetcher: Sendable {
             }
         }
         throw .keysUnavailable("discovery failed: " + problems.joined(separator: "; "))
+    }
+
+    /// Whether an `http://` URL names a loopback host (127.0.0.0/8, ::1, localhost).
+    static func isLoopbackURL(_ url: String) -> Bool {
+        guard url.hasPrefix("http://") else { return false }
+        var rest = url.dropFirst("http://".count)
+        if let end = rest.firstIndex(where: { $0 == "/" || $0 == "?" || $0 == "#" }) { rest = rest[..<end] }
+        if let at = rest.lastIndex(of: "@") { rest = rest[rest.index(after: at)...] }
+        let host: Substring
+        if rest.hasPrefix("[") {
+            guard let close = rest.firstIndex(of: "]") else { return false }
+            host = rest[rest.index(after: rest.startIndex)..<close]
+        } else {
+            host = rest.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
+        }
+        if host.lowercased() == "localhost" || host == "::1" { return true }
+        let octets = host.split(separator: ".", omittingEmptySubsequences: false)
+        return octets.count == 4 && octets[0] == "127" && octets.allSatisfy { UInt8($0) != nil }
     }
 
     private func get(_ url: String) async throws(IntrospectionError) -> ByteBuffer {

@@ -66,6 +66,11 @@ public final class IssuerKeys: Sendable {
             if let keys = state.keys {
                 let stale = now - (state.fetchedAt ?? now) >= cacheSeconds
                 let mayFetch = state.flight != nil || now - (state.attemptedAt ?? -.infinity) >= minRefetchSeconds
+                if !mayFetch, let lastError = state.lastError, case .unknownKeyID = keys.key(id: id, for: algorithm) {
+                    // The last fetch failed: the kid may well be in the set the AS could not
+                    // give. Not a refusal, a fault, until a fetch succeeds.
+                    return .fail(.keysUnavailable("kid not in the last good key set, and the last fetch failed: \(lastError.description)"))
+                }
                 return .use(keys, refreshInBackground: stale && mayFetch, mayRefetch: mayFetch)
             }
             if let flight = state.flight { return .wait(flight) }
@@ -92,6 +97,23 @@ public final class IssuerKeys: Sendable {
                 state.withLockedValue { state in
                     if state.flight == nil { _ = startFlight(&state, now: now) }
                 }
+            }
+            return match
+        }
+    }
+
+    /// The key for a JWS without suspending, when the set in hand decides it: nil when no set was
+    /// obtained yet, or when the `kid` is unknown and a refetch is due (use `key(id:for:)`). A set
+    /// past `jwks_cache_seconds` is used while a refresh starts in the background.
+    public func keyWithoutSuspending(id: String?, for algorithm: JWSAlgorithm) -> JSONWebKeySet.KeyMatch? {
+        let now = clock.uptime()
+        return state.withLockedValue { state in
+            guard let keys = state.keys else { return nil }
+            let mayFetch = state.flight != nil || now - (state.attemptedAt ?? -.infinity) >= minRefetchSeconds
+            let match = keys.key(id: id, for: algorithm)
+            if case .unknownKeyID = match, mayFetch || state.lastError != nil { return nil }
+            if state.flight == nil, mayFetch, now - (state.fetchedAt ?? now) >= cacheSeconds {
+                _ = startFlight(&state, now: now)
             }
             return match
         }

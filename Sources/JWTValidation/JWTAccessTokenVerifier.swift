@@ -10,7 +10,7 @@ import Metrics
 /// What is checked here depends on the token alone (and so may be cached with it): the JWS
 /// form, `alg`, key, `typ`, `crit`, signature, `iss`, and that `exp` is present. What depends on
 /// the time or the route (`exp`, `nbf`, `aud`, binding, scopes) is the decision's.
-public struct JWTAccessTokenVerifier: TokenIntrospector {
+public struct JWTAccessTokenVerifier: SynchronousTokenIntrospector {
     private let configuration: IssuerConfiguration
     private let keys: IssuerKeys
     private let valid: Counter
@@ -24,34 +24,63 @@ public struct JWTAccessTokenVerifier: TokenIntrospector {
     }
 
     public func introspect(_ token: String) async throws(IntrospectionError) -> TokenInfo {
-        let info = try await verify(token)
+        switch check(token) {
+        case .done(let info):
+            return counted(info)
+        case .needsKey(let jws, let claims):
+            return counted(finish(jws, claims, try await keys.key(id: jws.keyID, for: jws.algorithm)))
+        }
+    }
+
+    /// The answer when the keys in hand decide it (the usual case): no task, no suspension.
+    public func introspectWithoutSuspending(_ token: String) -> TokenInfo? {
+        switch check(token) {
+        case .done(let info):
+            return counted(info)
+        case .needsKey(let jws, let claims):
+            guard let match = keys.keyWithoutSuspending(id: jws.keyID, for: jws.algorithm) else { return nil }
+            return counted(finish(jws, claims, match))
+        }
+    }
+
+    private func counted(_ info: TokenInfo) -> TokenInfo {
         (info.active ? valid : invalid).increment()
         return info
     }
 
-    private func verify(_ token: String) async throws(IntrospectionError) -> TokenInfo {
+    private enum Step {
+        case done(TokenInfo)
+        case needsKey(CompactJWS, [String: JSONValue])
+    }
+
+    /// Every check that needs no key.
+    private func check(_ token: String) -> Step {
         let jws: CompactJWS
         let claims: [String: JSONValue]
         do {
             jws = try CompactJWS(token[...])
             claims = try jws.claims()
         } catch {
-            return .rejected(error.description)
+            return .done(.rejected(error.description))
         }
         guard configuration.algorithms.contains(jws.algorithm) else {
-            return .rejected("alg \(jws.algorithm.rawValue) is not on the issuer's allow-list")
+            return .done(.rejected("alg \(jws.algorithm.rawValue) is not on the issuer's allow-list"))
         }
         guard jws.hasType(in: configuration.tokenTypes) else {
-            return .rejected("typ \"\((jws.type ?? "(none)").prefix(32))\" is not one of \(configuration.tokenTypes)")
+            return .done(.rejected("typ \"\((jws.type ?? "(none)").prefix(32))\" is not one of \(configuration.tokenTypes)"))
         }
         // The issuer is checked before any key is looked up: a token of another issuer must not
         // make this one fetch its key set.
-        guard case .string(let issuer)? = claims["iss"] else { return .rejected("the claims have no string \"iss\"") }
-        guard issuer == configuration.issuer else { return .rejected("iss \"\(issuer.prefix(100))\" is not this issuer's") }
-        guard let exp = claims["exp"], exp.integerSeconds != nil else { return .rejected("the claims have no numeric \"exp\"") }
+        guard case .string(let issuer)? = claims["iss"] else { return .done(.rejected("the claims have no string \"iss\"")) }
+        guard issuer == configuration.issuer else { return .done(.rejected("iss \"\(issuer.prefix(100))\" is not this issuer's")) }
+        guard let exp = claims["exp"], exp.integerSeconds != nil else { return .done(.rejected("the claims have no numeric \"exp\"")) }
+        return .needsKey(jws, claims)
+    }
 
+    /// The signature with the chosen key, then the claims read into the token model.
+    private func finish(_ jws: CompactJWS, _ claims: [String: JSONValue], _ match: JSONWebKeySet.KeyMatch) -> TokenInfo {
         let key: JSONWebKey
-        switch try await keys.key(id: jws.keyID, for: jws.algorithm) {
+        switch match {
         case .key(let found): key = found
         case .unknownKeyID: return .rejected("kid \"\((jws.keyID ?? "").prefix(64))\" is not in the issuer's key set")
         case .unfit: return .rejected("no key of the issuer fits alg \(jws.algorithm.rawValue)\(jws.keyID.map { " with kid \"\($0.prefix(64))\"" } ?? "")")
@@ -88,6 +117,18 @@ public struct VerifiedThenIntrospected: TokenIntrospector {
     public func introspect(_ token: String) async throws(IntrospectionError) -> TokenInfo {
         let verified = try await verifier.introspect(token)
         guard verified.active else { return verified }
-        return try await introspector.introspect(token)
+        var answer = try await introspector.introspect(token)
+        guard answer.active else { return answer }
+        // The AS decides, but what the signed token proves is never dropped: an introspection
+        // answer that leaves out the binding or the audience keeps the JWT's (a binding left out
+        // must not make a bound token a bearer one).
+        if answer.certificateThumbprint == nil { answer.certificateThumbprint = verified.certificateThumbprint }
+        if answer.jwkThumbprint == nil { answer.jwkThumbprint = verified.jwkThumbprint }
+        if answer.otherConfirmation == nil { answer.otherConfirmation = verified.otherConfirmation }
+        if answer.aud.isEmpty { answer.aud = verified.aud }
+        if answer.iss == nil { answer.iss = verified.iss }
+        // X-Credential-Token-Type is the scheme that was verified (DESIGN.md §9).
+        if answer.refusedKind == nil { answer.tokenType = "Bearer" }
+        return answer
     }
 }

@@ -6,7 +6,7 @@ import NIOHTTP1
 import HTTPTypes
 import Introspection
 import JOSE
-import JWTValidation
+@testable import JWTValidation
 import Metrics
 import MetricsTestKit
 import NIOConcurrencyHelpers
@@ -446,5 +446,77 @@ struct JWTAccessTokenTests {
         #expect(harness.keys.fetches == 1)
         #expect(Self.describe(await harness.decide(token, path: "/both2/x")) == "allow")
         #expect(harness.keys.fetches == 2)  // a new issuer fetches its keys afresh
+    }
+
+    @Test("a JWT is verified on the calling thread once the keys are in hand; the first, which fetches them, is not")
+    func withoutSuspending() async throws {
+        let harness = try Harness()
+        let first = TestKeys.token(claims: JWTFixtures.claims(harness.now, ["jti": "1"]))
+        #expect(harness.sidecar.authorizer.answerWithoutSuspending(JWTFixtures.request(first)) == nil)  // no keys yet
+        #expect(await harness.answer(first).status == 200)
+        let second = TestKeys.token(alg: "ES256", kid: "ec-1", claims: JWTFixtures.claims(harness.now, ["jti": "2"]), key: TestKeys.p256)
+        #expect(harness.sidecar.authorizer.answerWithoutSuspending(JWTFixtures.request(second))?.status == 200)
+        #expect(harness.sidecar.authorizer.answerWithoutSuspending(JWTFixtures.request(second + "x"))?.status == 401)
+        #expect(harness.sidecar.authorizer.issuers[0].cache.cached(TokenDigest(token: second)) != nil)  // cached as verified
+        // An unknown kid with a refetch due needs the key set: not decided here.
+        harness.clock.advance(by: 31)
+        let rotated = TestKeys.token(kid: "new", claims: JWTFixtures.claims(harness.now, ["jti": "3"]))
+        #expect(harness.sidecar.authorizer.answerWithoutSuspending(JWTFixtures.request(rotated)) == nil)
+        #expect(harness.counter("authz_jwt_verifications_total", [("issuer", "idp"), ("outcome", "valid")]) == 2)
+    }
+
+    @Test("a policy accepting two JWT issuers and no introspection issuer: a token of neither is no_issuer")
+    func noIssuer() async throws {
+        let yaml = """
+            issuers:
+              - { name: idp, issuer: \(JWTFixtures.issuer), audiences: [api] }
+              - { name: other, issuer: https://other.test, audiences: [api] }
+            policies:
+              - { name: api, match: { path_prefix: / } }
+            """
+        let harness = try Harness(yaml: yaml)
+        #expect(Self.describe(await harness.decide("opaque")) == "no_issuer")
+        #expect(Self.describe(await harness.decide(TestKeys.token(claims: JWTFixtures.claims(harness.now, ["iss": "https://third.test"])))) == "no_issuer")
+        #expect(Self.describe(await harness.decide(TestKeys.token(claims: JWTFixtures.claims(harness.now)))) == "allow")
+        let denied = await harness.answer("opaque")
+        #expect(denied.status == 401 && denied.headers.first(name: "WWW-Authenticate") == #"Bearer realm="authz-sidecar", error="invalid_token""#)
+    }
+
+    @Test("jwt_then_introspect keeps what the JWT proves when the introspection answer leaves it out")
+    func verifiedBindingKept() async throws {
+        let yaml = """
+            issuers:
+              - name: idp
+                issuer: \(JWTFixtures.issuer)
+                validation: jwt_then_introspect
+                audiences: [api]
+                introspection: { endpoint: http://127.0.0.1:1/introspect, client_id: c, client_secret: s }
+            policies:
+              - { name: api, match: { path_prefix: / }, certificate_header: X-Client-Cert }
+            """
+        // The AS says active but leaves out cnf and aud.
+        let harness = try Harness(yaml: yaml, introspection: { _ in TokenInfo(active: true, scope: "read", tokenType: "bearer", exp: 2_000_000_000) })
+        let bound = TestKeys.token(claims: JWTFixtures.claims(harness.now, ["cnf": ["x5t#S256": Fixtures.thumbprint("client1.pem")]]))
+        #expect(Self.describe(await harness.decide(bound)) == "certificate_missing")
+        let answer = await harness.sidecar.authorizer.answer({
+            var request = JWTFixtures.request(bound)
+            request.headers.add(name: "X-Client-Cert", value: Fixtures.escaped("client1.pem"))
+            return request
+        }())
+        #expect(answer.status == 200)
+        #expect(answer.headers.first(name: "X-Credential-Token-Type") == "Bearer")
+        #expect(answer.headers.first(name: "X-Credential-Aud") == "api")
+    }
+
+    @Test("a discovered jwks_uri must be https, or http to loopback")
+    func discoveredURLs() {
+        for url in ["http://127.0.0.1:8080/jwks", "http://localhost/jwks", "http://[::1]:9/k", "http://127.9.9.9/x", "http://u@127.0.0.1/x"] {
+            #expect(HTTPKeySetFetcher.isLoopbackURL(url), "\(url)")
+        }
+        for url in ["http://idp.example/jwks", "http://127.0.0.1.evil.test/jwks", "http://10.0.0.1/k", "https://127.0.0.1/x", "http://127.0.0.1@evil.test/x", "http://[::2]/k"] {
+            #expect(!HTTPKeySetFetcher.isLoopbackURL(url), "\(url)")
+        }
+        let issuer = IssuerConfiguration(name: "k", issuer: "https://kc.example/realms/demo/", validation: .jwt)
+        #expect(issuer.discoveryURLs == ["https://kc.example/realms/demo/.well-known/openid-configuration", "https://kc.example/.well-known/oauth-authorization-server/realms/demo"])
     }
 }
