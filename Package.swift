@@ -132,6 +132,7 @@ let package = Package(
             dependencies: [
                 "Introspection",
                 "JOSE",
+                "JWTValidation",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "CryptoExtras", package: "swift-crypto"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),

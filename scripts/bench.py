@@ -459,12 +459,12 @@ policies:
         subprocess.run([self.bench_bin, "jwt-fixtures", "--dir", str(self.jwt_dir), "--issuer", issuer,
                         f"--thumbprint={self.thumbprint}", "--audience", "api", "--count", str(JWT_POOL)],
                        check=True, stdout=subprocess.DEVNULL, timeout=300)
-        self.jwt_bare_us = {}
+        self.jwt_bare_us, self.jwt_signature_us = {}, {}
         for alg in ("RS256", "ES256"):
-            out = subprocess.run([self.bench_bin, "jwt-verify", "--dir", str(self.jwt_dir), "--alg", alg,
+            out = subprocess.run([self.bench_bin, "jwt-verify", "--dir", str(self.jwt_dir), "--alg", alg, "--issuer", issuer,
                                   "--seconds", "1" if self.quick else "3"], check=True, capture_output=True, text=True,
-                                 timeout=60).stdout.strip()
-            self.jwt_bare_us[alg] = float(out)
+                                 timeout=60).stdout.split()
+            self.jwt_signature_us[alg], self.jwt_bare_us[alg] = float(out[0]), float(out[1])
         self.jwt_hit_token = (self.jwt_dir / "tokens-RS256.txt").read_text().split("\n", 1)[0]
         conf = self.work / "sidecar-jwt.yaml"
         self.jwt_port = stack.free_port()
@@ -1152,9 +1152,12 @@ end
                 continue
             first_us = statistics.median(r.cpu_us_per_req for r in first.runs)
             bound = hit_us + 1.2 * bare
-            self.targets.append(f"- JWT first sight {alg}: CPU ≤ hit + 1.2 × bare verification — {first_us:.1f} µs/req "
-                                f"(hit {hit_us:.1f} µs + {first_us - hit_us:.1f} µs; bare verification {bare:.1f} µs, "
-                                f"bound {bound:.1f} µs) — **{met(first_us <= bound)}**")
+            signature = self.jwt_signature_us.get(alg)
+            strict = hit_us + 1.2 * signature
+            self.targets.append(f"- JWT first sight {alg}: CPU ≤ hit + 1.2 × the verifier alone — {first_us:.1f} µs/req "
+                                f"(hit {hit_us:.1f} µs + {first_us - hit_us:.1f} µs; the verifier alone {bare:.1f} µs, "
+                                f"bound {bound:.1f} µs) — **{met(first_us <= bound)}**; against the signature alone "
+                                f"(parse + verify, {signature:.1f} µs, no claims): bound {strict:.1f} µs — {met(first_us <= strict)}")
 
     def machine_info(self) -> list[str]:
         cpu = "unknown"

@@ -76,11 +76,13 @@ public final class Authorizer: Sendable {
             return render(outcome, policy: policy, front: request.front)
         case .introspect(let evaluation, let issuer, let token, let digest):
             // A hit, or a JWT verified here and now with keys in hand.
-            guard let info = issuer.cache.lookupWithoutSuspending(token: token, digest: digest) else { return nil }
-            let decision = evaluation.decide(token: info, request: request, now: clock.now(), issuer: issuer)
+            guard let found = issuer.cache.lookupWithoutSuspending(token: token, digest: digest) else { return nil }
+            let decision = evaluation.decide(token: found.info, request: request, now: clock.now(), issuer: issuer)
             let outcome = Outcome.decision(decision)
             record(outcome, policy: evaluation.policy, digest: digest, request: request, started: started)
-            if case .allow(let grant) = decision {
+            // A rendering is remembered from the second sight on: a token seen once (a JWT
+            // verified just now) would only churn the memo.
+            if case .allow(let grant) = decision, found.source == .hit {
                 return allowAnswers.answer(for: grant, digest: digest, policy: evaluation, front: request.front) {
                     render(outcome, policy: evaluation.policy, front: request.front)
                 }

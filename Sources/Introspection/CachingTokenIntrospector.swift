@@ -139,8 +139,8 @@ public final class CachingTokenIntrospector: TokenIntrospector {
     /// A fresh cached answer, or on a miss the upstream's answer when it can give one without
     /// suspending (cached like any other). nil: use `lookup`. A lookup already in flight for the
     /// token is not duplicated: its waiters get its answer.
-    public func lookupWithoutSuspending(token: String, digest: TokenDigest) -> TokenInfo? {
-        if let info = cached(digest) { return info }
+    public func lookupWithoutSuspending(token: String, digest: TokenDigest) -> Answer? {
+        if let info = cached(digest) { return Answer(info: info, source: .hit) }
         guard let synchronousUpstream else { return nil }
         let shard = shards[digest.shard(of: shards.count)]
         guard shard.state.withLockedValue({ $0.flights[digest] == nil }) else { return nil }
@@ -157,7 +157,7 @@ public final class CachingTokenIntrospector: TokenIntrospector {
                 if evicted > 0 { metrics.evictions.increment(by: evicted) }
             }
         }
-        return info
+        return Answer(info: info, source: .miss)
     }
 
     /// Looks a token up, calling the upstream introspector on a miss.

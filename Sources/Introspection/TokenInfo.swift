@@ -220,6 +220,16 @@ extension TokenInfo {
             self = .inactive
             return
         }
+        try self.init(activeMembers: members)
+    }
+
+    /// The claims of a token validated locally (a verified JWT): active by its signature, every
+    /// other member read as in an introspection answer (a claim named `active` means nothing).
+    public init(verifiedClaims claims: [String: JSONValue]) throws(IntrospectionError) {
+        try self.init(activeMembers: claims)
+    }
+
+    private init(activeMembers members: [String: JSONValue]) throws(IntrospectionError) {
         self.init(active: true)
         for (name, value) in members {
             switch name {

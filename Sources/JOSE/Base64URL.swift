@@ -4,13 +4,6 @@
 public enum Base64URL {
     private static let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".utf8)
 
-    /// The value of each byte in the alphabet, 0xFF for every other byte.
-    private static let values: [UInt8] = {
-        var table = [UInt8](repeating: 0xFF, count: 256)
-        for (index, byte) in alphabet.enumerated() { table[Int(byte)] = UInt8(index) }
-        return table
-    }()
-
     public static func encode<Bytes: Collection<UInt8>>(_ bytes: Bytes) -> String {
         var out = [UInt8]()
         out.reserveCapacity((bytes.count * 4 + 2) / 3)
@@ -29,22 +22,60 @@ public enum Base64URL {
     /// The decoded bytes, or nil for any character outside the alphabet (padding included), a
     /// length no encoding has (4n+1), or non-zero unused bits.
     public static func decode<Bytes: Collection<UInt8>>(_ text: Bytes) -> [UInt8]? {
-        guard text.count % 4 != 1 else { return nil }
-        var out = [UInt8]()
-        out.reserveCapacity(text.count * 3 / 4)
-        var accumulator: UInt32 = 0
-        var bits = 0
-        for byte in text {
-            let value = values[Int(byte)]
-            guard value != 0xFF else { return nil }
-            accumulator = accumulator << 6 | UInt32(value)
-            bits += 6
-            if bits >= 8 {
-                bits -= 8
-                out.append(UInt8(truncatingIfNeeded: accumulator >> UInt32(bits)))
-            }
+        if let decoded = text.withContiguousStorageIfAvailable({ decode(buffer: $0) }) { return decoded }
+        return Array(text).withUnsafeBufferPointer { decode(buffer: $0) }
+    }
+
+    /// The 6-bit value of an alphabet character; 0xFF (whose top bits are set) for any other byte.
+    @inline(__always)
+    private static func value(_ c: UInt8) -> UInt8 {
+        switch c {
+        case UInt8(ascii: "A")...UInt8(ascii: "Z"): return c &- UInt8(ascii: "A")
+        case UInt8(ascii: "a")...UInt8(ascii: "z"): return c &- UInt8(ascii: "a") &+ 26
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): return c &- UInt8(ascii: "0") &+ 52
+        case UInt8(ascii: "-"): return 62
+        case UInt8(ascii: "_"): return 63
+        default: return 0xFF
         }
-        guard accumulator & ((1 << UInt32(bits)) - 1) == 0 else { return nil }
-        return out
+    }
+
+    private static func decode(buffer: UnsafeBufferPointer<UInt8>) -> [UInt8]? {
+        let count = buffer.count
+        guard count % 4 != 1 else { return nil }
+        let outCount = count / 4 * 3 + max(0, count % 4 - 1)
+        var valid = true
+        let out = [UInt8](unsafeUninitializedCapacity: outCount) { out, initialized in
+            var i = 0
+            var o = 0
+            while i + 4 <= count {
+                let a = value(buffer[i]), b = value(buffer[i + 1]), c = value(buffer[i + 2]), d = value(buffer[i + 3])
+                guard (a | b | c | d) & 0xC0 == 0 else {
+                    valid = false
+                    break
+                }
+                out[o] = a << 2 | b >> 4
+                out[o + 1] = b << 4 | c >> 2
+                out[o + 2] = c << 6 | d
+                i += 4
+                o += 3
+            }
+            if valid, count - i >= 2 {
+                let a = value(buffer[i]), b = value(buffer[i + 1])
+                let c = count - i == 3 ? value(buffer[i + 2]) : 0
+                // The unused low bits of the last character must be zero (one spelling only).
+                if (a | b | c) & 0xC0 != 0 || (count - i == 2 ? b & 0x0F : c & 0x03) != 0 {
+                    valid = false
+                } else {
+                    out[o] = a << 2 | b >> 4
+                    o += 1
+                    if count - i == 3 {
+                        out[o] = b << 4 | c >> 2
+                        o += 1
+                    }
+                }
+            }
+            initialized = valid ? o : 0
+        }
+        return valid ? out : nil
     }
 }

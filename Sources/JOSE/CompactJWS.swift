@@ -22,18 +22,20 @@ public struct CompactJWS: Sendable {
     /// JSON object, a missing or non-string `alg`, an `alg` that is not asymmetric and supported,
     /// or a `crit` member (no extension is understood, RFC 7515 §4.1.11).
     public init(_ text: Substring) throws(JOSEError) {
-        let utf8 = text.utf8
-        guard let firstDot = utf8.firstIndex(of: UInt8(ascii: ".")) else { throw JOSEError("not a compact JWS: 1 part") }
-        let afterFirst = utf8.index(after: firstDot)
-        guard let secondDot = utf8[afterFirst...].firstIndex(of: UInt8(ascii: ".")) else { throw JOSEError("not a compact JWS: 2 parts") }
-        let afterSecond = utf8.index(after: secondDot)
-        if let extra = utf8[afterSecond...].firstIndex(of: UInt8(ascii: ".")) {
-            let parts = 3 + utf8[utf8.index(after: extra)...].count(where: { $0 == UInt8(ascii: ".") }) + 1
-            throw JOSEError(parts == 5 ? "a JWE (5 parts), not a JWS" : "not a compact JWS: \(parts) parts")
+        // One contiguous copy of the text; the parts are found and decoded in place.
+        let bytes = Array(text.utf8)
+        var dots: (Int, Int) = (-1, -1)
+        var count = 0
+        for index in bytes.indices where bytes[index] == UInt8(ascii: ".") {
+            count += 1
+            if count == 1 { dots.0 = index } else if count == 2 { dots.1 = index }
         }
-        guard let headerBytes = Base64URL.decode(utf8[..<firstDot]) else { throw JOSEError("the header is not base64url") }
-        guard let payload = Base64URL.decode(utf8[afterFirst..<secondDot]) else { throw JOSEError("the payload is not base64url") }
-        guard let signature = Base64URL.decode(utf8[afterSecond...]) else { throw JOSEError("the signature is not base64url") }
+        guard count == 2 else {
+            throw JOSEError(count == 4 ? "a JWE (5 parts), not a JWS" : "not a compact JWS: \(count + 1) part\(count == 0 ? "" : "s")")
+        }
+        guard let headerBytes = Base64URL.decode(bytes[..<dots.0]) else { throw JOSEError("the header is not base64url") }
+        guard let payload = Base64URL.decode(bytes[(dots.0 + 1)..<dots.1]) else { throw JOSEError("the payload is not base64url") }
+        guard let signature = Base64URL.decode(bytes[(dots.1 + 1)...]) else { throw JOSEError("the signature is not base64url") }
         let document: JSONValue
         do {
             document = try JSONParser.parse(headerBytes)
@@ -53,7 +55,7 @@ public struct CompactJWS: Sendable {
         self.header = header
         self.algorithm = algorithm
         self.payload = payload
-        self.signingInput = Array(utf8[..<secondDot])
+        self.signingInput = Array(bytes[..<dots.1])
         self.signature = signature
     }
 

@@ -88,11 +88,9 @@ public struct JWTAccessTokenVerifier: SynchronousTokenIntrospector {
         }
         guard jws.isSigned(by: key) else { return .rejected("the signature does not verify") }
 
-        var members = claims
-        members["active"] = .bool(true)
         var info: TokenInfo
         do throws(IntrospectionError) {
-            info = try TokenInfo(members: members)
+            info = try TokenInfo(verifiedClaims: claims)
         } catch {
             return .rejected("claims: \(error.description)")
         }
