@@ -52,21 +52,32 @@ public final class Issuer: Sendable {
     ) -> Issuer {
         var logger = logger
         logger[metadataKey: "authz.issuer"] = "\(configuration.name)"
-        let introspector: any TokenIntrospector = InstrumentedTokenIntrospector(
-            backends.introspector ?? ClosureTokenIntrospector { _ throws(IntrospectionError) in throw .transport("no introspection client for issuer \(configuration.name)") },
-            reachability: reachability, metrics: factory
-        )
         var keys: IssuerKeys?
-        let upstream: any TokenIntrospector
-        if configuration.validation.verifiesJWT {
+        if configuration.needsKeys {
             // (not `??`: an autoclosure of a typed-throws function type crashes Swift 6.3's IRGen)
             let fetch: IssuerKeys.Fetch
             if let source = backends.keys { fetch = source } else { fetch = Self.noKeySource }
-            let issuerKeys = IssuerKeys(
+            keys = IssuerKeys(
                 issuer: configuration.name, cacheSeconds: configuration.jwksCacheSeconds, minRefetchSeconds: configuration.jwksMinRefetchSeconds,
                 clock: clock, logger: logger, metrics: factory, fetch: fetch
             )
-            keys = issuerKeys
+        }
+        var client: any TokenIntrospector =
+            backends.introspector ?? ClosureTokenIntrospector { _ throws(IntrospectionError) in throw .transport("no introspection client for issuer \(configuration.name)") }
+        if let introspection = configuration.introspection, introspection.responseFormat == .jwt, let keys {
+            // RFC 9701: the answer is verified with the issuer's keys before it is read.
+            if let raw = client as? any RawTokenIntrospector {
+                client = SignedIntrospection(
+                    raw: raw, keys: keys, issuer: configuration.issuer ?? "", audience: introspection.clientID ?? "",
+                    algorithms: configuration.algorithms, clock: clock
+                )
+            } else {
+                client = ClosureTokenIntrospector { _ throws(IntrospectionError) in throw .transport("the introspection client cannot give signed answers") }
+            }
+        }
+        let introspector: any TokenIntrospector = InstrumentedTokenIntrospector(client, reachability: reachability, metrics: factory)
+        let upstream: any TokenIntrospector
+        if configuration.validation.verifiesJWT, let issuerKeys = keys {
             let verifier = JWTAccessTokenVerifier(configuration: configuration, keys: issuerKeys, metrics: factory)
             upstream = configuration.validation == .jwt ? verifier : VerifiedThenIntrospected(verifier: verifier, introspector: introspector)
         } else {

@@ -120,5 +120,6 @@ extension SidecarConfiguration {
         line("max_connections", "\(introspection.maxConnections)")
         line("max_response_bytes", "\(introspection.maxResponseBytes)")
         line("expected_issuer", quoted(introspection.expectedIssuer))
+        line("response_format", introspection.responseFormat.rawValue)
     }
 }

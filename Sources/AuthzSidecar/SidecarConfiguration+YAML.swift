@@ -38,6 +38,9 @@ extension SidecarConfiguration {
             problems.add("introspection", "is required (or issuers:)")
         }
         let introspection = introspectionReader.map { readIntrospection($0, environment: environment, problems: problems) }
+        if let introspection, introspection.responseFormat == .jwt, introspection.expectedIssuer == nil {
+            problems.add("introspection.expected_issuer", "is required for response_format: jwt (the signed answers' iss, and where the keys are discovered)")
+        }
         let issuers = readIssuers(issuersNode, reserveDefault: introspection != nil, problems: problems)
         let cache = readCache(top.mapping("cache"))
         let policies = readPolicies(top.node("policies"), problems: problems)
@@ -141,6 +144,9 @@ extension SidecarConfiguration {
         if let nested = reader.mapping("introspection") {
             issuer.introspection = readIntrospection(nested, environment: [:], problems: reader.problems)
         }
+        if issuer.introspection?.responseFormat == .jwt, issuer.issuer == nil {
+            reader.problems.add(reader.key("issuer"), "is required for introspection.response_format: jwt (the signed answers' iss)")
+        }
         if issuer.validation.introspects, issuer.introspection == nil {
             reader.problems.add(reader.key("introspection"), "is required for validation: \(issuer.validation.rawValue)")
         }
@@ -237,6 +243,7 @@ extension SidecarConfiguration {
         configuration.maxConnections = reader.int("max_connections", default: 64, range: 1...4096)
         configuration.maxResponseBytes = reader.int("max_response_bytes", default: 65536, range: 1024...16_777_216)
         configuration.expectedIssuer = reader.string("expected_issuer")
+        configuration.responseFormat = reader.choice("response_format", default: .json)
 
         // The secret: inline, from a file, or from the environment (in that order).
         let inline = reader.string("client_secret")

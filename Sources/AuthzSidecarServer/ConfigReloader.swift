@@ -15,15 +15,13 @@ actor ConfigReloader: Service {
     private let sidecar: Sidecar
     private let logger: Logger
     private var configuration: SidecarConfiguration
-    /// The issuer `default`'s AS client, when there is a top-level introspection block.
-    private var client: HTTPClient?
+    /// Every issuer's AS clients, `default` included.
     private var connections: IssuerConnections
     private var fileContents: String?
 
-    init(path: String, configuration: SidecarConfiguration, client: HTTPClient?, connections: IssuerConnections, sidecar: Sidecar, logger: Logger) {
+    init(path: String, configuration: SidecarConfiguration, connections: IssuerConnections, sidecar: Sidecar, logger: Logger) {
         self.path = path
         self.configuration = configuration
-        self.client = client
         self.connections = connections
         self.sidecar = sidecar
         self.logger = logger
@@ -54,8 +52,7 @@ actor ConfigReloader: Service {
     }
 
     private func shutdownClient() async throws {
-        try await client?.shutdown()
-        for issuerClient in connections.allClients { try? await issuerClient.shutdown() }
+        for client in connections.allClients { try? await client.shutdown() }
     }
 
     private func reloadIfFileChanged() async {
@@ -78,31 +75,17 @@ actor ConfigReloader: Service {
             logger.info("configuration unchanged", metadata: ["authz.reload": "\(reason)"])
             return
         }
-        var retired: [HTTPClient] = []
-        var introspector: (any TokenIntrospector)?
-        var fresh: HTTPClient?
         var connections = self.connections
         let changed: [String: IssuerBackends]
+        let retired: [HTTPClient]
         do {
-            if next.introspection != configuration.introspection, let introspection = next.introspection {
-                let made = try HTTPTokenIntrospector.makeHTTPClient(for: introspection)
-                fresh = made
-                introspector = HTTPTokenIntrospector(configuration: introspection, client: made, logger: logger)
-            }
-            let update = try connections.update(to: next.issuers, logger: logger)
-            changed = update.changed
-            retired += update.retired
+            (changed, retired) = try connections.update(to: next.allIssuers, logger: logger)
         } catch {
-            try? await fresh?.shutdown()
             logger.error("configuration rejected: cannot set up the AS client", metadata: ["authz.reload": "\(reason)", "authz.problems": "\(error)"])
             return
         }
-        if next.introspection != configuration.introspection {
-            if let client { retired.append(client) }
-            client = fresh
-        }
         self.connections = connections
-        let fate = sidecar.reload(to: next, introspector: introspector, backends: changed)
+        let fate = sidecar.reload(to: next, introspector: nil, backends: changed)
         configuration = next
         logger.notice(
             "configuration reloaded",

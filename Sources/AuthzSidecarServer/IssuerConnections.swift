@@ -67,7 +67,7 @@ struct IssuerConnections {
             clients.append(client)
             backends.introspector = HTTPTokenIntrospector(configuration: introspection, client: client, logger: logger)
         }
-        if issuer.validation.verifiesJWT {
+        if issuer.needsKeys {
             let client = try HTTPKeySetFetcher.makeHTTPClient(for: issuer)
             clients.append(client)
             let fetcher = HTTPKeySetFetcher(configuration: issuer, client: client, logger: logger)

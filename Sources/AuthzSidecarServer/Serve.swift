@@ -35,14 +35,12 @@ struct Serve: AsyncParsableCommand {
         ]
         MetricsSystem.bootstrap(factory)
 
-        // The issuer `default` (the top-level introspection block), when there is one.
-        let client = try configuration.introspection.map { try HTTPTokenIntrospector.makeHTTPClient(for: $0) }
-        let introspector = zip2(configuration.introspection, client).map { HTTPTokenIntrospector(configuration: $0, client: $1, logger: logger) }
-        let connections = try IssuerConnections.make(for: configuration.issuers, logger: logger)
+        // Every issuer's AS clients, `default` (the top-level introspection block) included.
+        let connections = try IssuerConnections.make(for: configuration.allIssuers, logger: logger)
         for address in [configuration.server.listen, configuration.server.adminListen].compactMap({ $0 }) {
             if case .unix(let path) = address { try? FileManager.default.removeItem(atPath: path) }
         }
-        let sidecar = Sidecar(configuration: configuration, introspector: introspector, backends: connections.backends, registry: registry, logger: logger)
+        let sidecar = Sidecar(configuration: configuration, introspector: nil, backends: connections.backends, registry: registry, logger: logger)
         logger.notice(
             "starting",
             metadata: [
@@ -57,7 +55,7 @@ struct Serve: AsyncParsableCommand {
         let group = ServiceGroup(
             configuration: .init(
                 // The reloader owns the AS client: it starts first and so stops last.
-                services: [.init(service: ConfigReloader(path: path, configuration: configuration, client: client, connections: connections, sidecar: sidecar, logger: logger))]
+                services: [.init(service: ConfigReloader(path: path, configuration: configuration, connections: connections, sidecar: sidecar, logger: logger))]
                     + sidecar.services.map { .init(service: $0) },
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger
@@ -67,8 +65,3 @@ struct Serve: AsyncParsableCommand {
     }
 }
 
-/// Both values, when both are present.
-func zip2<A, B>(_ a: A?, _ b: B?) -> (A, B)? {
-    guard let a, let b else { return nil }
-    return (a, b)
-}

@@ -8,7 +8,7 @@ import Synchronization
 
 /// RFC 7662 over AsyncHTTPClient: a form POST with client authentication, a deadline, a bounded
 /// body, and every failure mapped to an `IntrospectionError`.
-public final class HTTPTokenIntrospector: TokenIntrospector {
+public final class HTTPTokenIntrospector: RawTokenIntrospector {
     private let client: HTTPClient
     /// The request's fixed part (URL parsed once, method, headers); each call adds its body.
     private let template: HTTPClient.Request?
@@ -44,7 +44,9 @@ public final class HTTPTokenIntrospector: TokenIntrospector {
             self.authorization = nil
             self.formCredentials = id.isEmpty ? "" : "&" + FormEncoding.encode([("client_id", id)])
         }
-        var headers: HTTPHeaders = ["Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"]
+        // RFC 9701 §4: a signed answer is asked for with its media type.
+        let accept = configuration.responseFormat == .jwt ? "application/token-introspection+jwt" : "application/json"
+        var headers: HTTPHeaders = ["Content-Type": "application/x-www-form-urlencoded", "Accept": accept]
         if let authorization { headers.add(name: "Authorization", value: authorization) }
         // nil for an endpoint AsyncHTTPClient cannot parse: every call is then a transport fault.
         self.template = try? HTTPClient.Request(url: configuration.endpoint, method: .POST, headers: headers)
@@ -80,6 +82,19 @@ public final class HTTPTokenIntrospector: TokenIntrospector {
     }
 
     public func introspect(_ token: String) async throws(IntrospectionError) -> TokenInfo {
+        let body = try await call(token)
+        return try body.withUnsafeReadableBytes { raw throws(IntrospectionError) in
+            try TokenInfo(jsonBody: raw)
+        }
+    }
+
+    /// The body of the AS's 200 answer, unread (a signed RFC 9701 answer is verified elsewhere).
+    public func introspectRaw(_ token: String) async throws(IntrospectionError) -> [UInt8] {
+        let body = try await call(token)
+        return Array(body.readableBytesView)
+    }
+
+    private func call(_ token: String) async throws(IntrospectionError) -> ByteBuffer {
         guard pending.add(1, ordering: .relaxed).newValue <= maxPending else {
             pending.subtract(1, ordering: .relaxed)
             throw .overloaded
@@ -102,9 +117,7 @@ public final class HTTPTokenIntrospector: TokenIntrospector {
             guard response.status == .ok else {
                 throw IntrospectionError.status(Int(response.status.code))
             }
-            return try response.body.withUnsafeReadableBytes { raw throws(IntrospectionError) in
-                try TokenInfo(jsonBody: raw)
-            }
+            return response.body
         } catch let error as IntrospectionError {
             throw error
         } catch {

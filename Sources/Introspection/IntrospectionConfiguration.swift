@@ -29,6 +29,12 @@ public struct IntrospectionConfiguration: Sendable, Equatable {
     public var maxResponseBytes: Int
     /// When set, an active token's `iss` must equal it.
     public var expectedIssuer: String?
+    /// `json` (RFC 7662) or `jwt` (RFC 9701 signed answers, verified with the issuer's keys).
+    public var responseFormat: ResponseFormat
+
+    public enum ResponseFormat: String, Sendable, CaseIterable {
+        case json, jwt
+    }
 
     public init(
         endpoint: String,
@@ -43,7 +49,8 @@ public struct IntrospectionConfiguration: Sendable, Equatable {
         timeoutMilliseconds: Int = 1500,
         maxConnections: Int = 64,
         maxResponseBytes: Int = 64 * 1024,
-        expectedIssuer: String? = nil
+        expectedIssuer: String? = nil,
+        responseFormat: ResponseFormat = .json
     ) {
         self.endpoint = endpoint
         self.clientID = clientID
@@ -58,6 +65,7 @@ public struct IntrospectionConfiguration: Sendable, Equatable {
         self.maxConnections = maxConnections
         self.maxResponseBytes = maxResponseBytes
         self.expectedIssuer = expectedIssuer
+        self.responseFormat = responseFormat
     }
 }
 

@@ -13,6 +13,12 @@ public protocol SynchronousTokenIntrospector: TokenIntrospector {
     func introspectWithoutSuspending(_ token: String) -> TokenInfo?
 }
 
+/// An introspector that can hand over the AS's answer as it came (a 200's body), for answers
+/// that another layer must verify first: RFC 9701 signed introspection responses.
+public protocol RawTokenIntrospector: TokenIntrospector {
+    func introspectRaw(_ token: String) async throws(IntrospectionError) -> [UInt8]
+}
+
 /// An introspector made from a closure: for tests and for wiring.
 public struct ClosureTokenIntrospector: TokenIntrospector {
     private let body: @Sendable (String) async throws(IntrospectionError) -> TokenInfo

@@ -78,7 +78,16 @@ public struct IssuerConfiguration: Sendable, Equatable {
 
     /// The top-level `introspection:` block as the issuer `default`.
     public static func `default`(_ introspection: IntrospectionConfiguration) -> IssuerConfiguration {
-        IssuerConfiguration(name: "default", issuer: introspection.expectedIssuer, validation: .introspection, introspection: introspection)
+        IssuerConfiguration(
+            name: "default", issuer: introspection.expectedIssuer, validation: .introspection,
+            caFile: introspection.caFile, verifyTLS: introspection.verifyTLS, insecure: introspection.insecure,
+            introspection: introspection
+        )
+    }
+
+    /// Whether the issuer needs its key set: to verify JWTs, or signed introspection answers.
+    public var needsKeys: Bool {
+        validation.verifiesJWT || (validation.introspects && introspection?.responseFormat == .jwt)
     }
 
     /// The discovery documents to try, in order: OpenID Connect Discovery 1.0 §4, then RFC 8414

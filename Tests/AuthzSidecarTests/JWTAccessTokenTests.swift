@@ -519,4 +519,69 @@ struct JWTAccessTokenTests {
         let issuer = IssuerConfiguration(name: "k", issuer: "https://kc.example/realms/demo/", validation: .jwt)
         #expect(issuer.discoveryURLs == ["https://kc.example/realms/demo/.well-known/openid-configuration", "https://kc.example/.well-known/oauth-authorization-server/realms/demo"])
     }
+
+    /// An AS whose introspection answers are whatever the test signs (RFC 9701).
+    final class SignedAS: RawTokenIntrospector {
+        let answer: @Sendable (String) -> String
+        let calls = NIOLockedValueBox(0)
+        init(_ answer: @escaping @Sendable (String) -> String) { self.answer = answer }
+        func introspectRaw(_ token: String) async throws(IntrospectionError) -> [UInt8] {
+            calls.withLockedValue { $0 += 1 }
+            return Array(answer(token).utf8)
+        }
+        func introspect(_ token: String) async throws(IntrospectionError) -> TokenInfo {
+            throw .transport("a signed-answer AS is read through introspectRaw")
+        }
+    }
+
+    @Test("RFC 9701 signed introspection: believed only when signature, typ, iss, aud and iat hold; anything else is a fault")
+    func signedIntrospection() async throws {
+        let yaml = """
+            issuers:
+              - name: idp
+                issuer: \(JWTFixtures.issuer)
+                validation: introspection
+                introspection: { endpoint: http://127.0.0.1:1/introspect, client_id: rs-client, client_secret: s, response_format: jwt }
+            policies:
+              - { name: api, match: { path_prefix: / }, required_scopes: [read] }
+            """
+        let now = 1_800_000_000
+        func signed(typ: String? = "token-introspection+jwt", iss: String = JWTFixtures.issuer, aud: Any = "rs-client", iat: Int = now,
+                    members: [String: Any] = ["active": true, "scope": "read", "client_id": "device-1", "exp": now + 600, "iss": JWTFixtures.issuer], key: TestKeys.Private = TestKeys.rsa, kid: String = "rsa-1") -> String {
+            TestKeys.token(alg: key == TestKeys.rsa || key == TestKeys.rsaOther ? "RS256" : "ES256", kid: kid, typ: typ,
+                           claims: ["iss": iss, "aud": aud, "iat": iat, "token_introspection": members], key: key)
+        }
+        let rows: [(String, String, String)] = [
+            ("a good signed answer", signed(), "allow"),
+            ("aud an array naming us", signed(aud: ["other", "rs-client"]), "allow"),
+            ("a signed inactive answer", signed(members: ["active": false]), "inactive"),
+            ("Glewlwyd's aud: the token's own audience", signed(aud: "system-access"), "fault:malformed"),
+            ("typ JWT", signed(typ: "JWT"), "fault:malformed"),
+            ("no typ", signed(typ: nil), "fault:malformed"),
+            ("another iss", signed(iss: "https://evil.test"), "fault:malformed"),
+            ("iat an hour old", signed(iat: now - 3600), "fault:malformed"),
+            ("signed by another key", signed(key: TestKeys.rsaOther), "fault:malformed"),
+            ("unknown kid", signed(kid: "nope"), "fault:malformed"),
+            ("plain JSON (the AS ignored Accept)", #"{"active":true,"scope":"read"}"#, "fault:malformed"),
+            ("no token_introspection", TestKeys.token(claims: ["iss": JWTFixtures.issuer, "aud": "rs-client", "iat": now, "typ": "x"]).replacingOccurrences(of: "at+jwt", with: "x"), "fault:malformed"),
+        ]
+        for (name, body, expected) in rows {
+            let clock = TestClock(Double(now))
+            let configuration = try SidecarConfiguration.parse(yaml: yaml)
+            let keys = TestKeySource(JWTFixtures.standardKeys)
+            let sidecar = Sidecar(
+                configuration: configuration, introspector: nil,
+                backends: ["idp": IssuerBackends(introspector: SignedAS { _ in body }, keys: keys.backends.keys)],
+                clock: clock, metrics: NOOPMetricsHandler.instance
+            )
+            let outcome = await sidecar.authorizer.authorize(JWTFixtures.request("opaque-token")).0
+            #expect(Self.describe(outcome) == expected, "\(name)")
+        }
+        do {
+            _ = try SidecarConfiguration.parse(yaml: "introspection: { endpoint: http://127.0.0.1:1/i, client_id: c, client_secret: s, response_format: jwt }\npolicies:\n  - { name: p }\n")
+            Issue.record("response_format: jwt without expected_issuer was accepted")
+        } catch let error as ConfigurationError {
+            #expect(error.problems.contains { $0.hasPrefix("introspection.expected_issuer: is required for response_format: jwt") })
+        }
+    }
 }

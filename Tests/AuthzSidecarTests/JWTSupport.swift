@@ -11,7 +11,17 @@ import NIOConcurrencyHelpers
 /// Keys of a test issuer, and tokens signed with them by hand (every byte under the test's
 /// control). Keys are made once per process: RSA generation is slow in a debug build.
 enum TestKeys {
-    enum Private: @unchecked Sendable {
+    enum Private: @unchecked Sendable, Equatable {
+        static func == (lhs: Private, rhs: Private) -> Bool {
+            switch (lhs, rhs) {
+            case (.rsa(let a), .rsa(let b)): return a.derRepresentation == b.derRepresentation
+            case (.p256(let a), .p256(let b)): return a.rawRepresentation == b.rawRepresentation
+            case (.p384(let a), .p384(let b)): return a.rawRepresentation == b.rawRepresentation
+            case (.ed25519(let a), .ed25519(let b)): return a.rawRepresentation == b.rawRepresentation
+            default: return false
+            }
+        }
+
         case rsa(_RSA.Signing.PrivateKey)
         case p256(P256.Signing.PrivateKey)
         case p384(P384.Signing.PrivateKey)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import ssl
 import subprocess
@@ -395,6 +396,61 @@ def test_jwt_then_introspect_against_glewlwyd(jti_edge, idp, token, certs):
     assert_denied_401(jti_edge.request("/token-mtls/resource", forged, cert="client2"))
     assert introspection_calls(sc) == calls
 
+
+
+# ---------------------------------------------------------------------------------------------
+# RFC 9701 signed introspection answers (introspection.response_format: jwt)
+@pytest.fixture(scope="module")
+def signed_edge(tmp_path_factory, certs, idp, echo):
+    """nginx -> sidecar that introspects at Glewlwyd asking for RFC 9701 signed answers."""
+    work = tmp_path_factory.mktemp("jwt-signed-introspection")
+    issuer = jwt_issuer(idp, validation="introspection", introspection={
+        "endpoint": idp["IDP_INTROSPECT_URL"], "client_id": idp["IDP_INTROSPECTION_CLIENT_ID"],
+        "client_secret": idp["IDP_INTROSPECTION_CLIENT_SECRET"], "auth_method": "client_secret_basic",
+        "ca_file": idp["IDP_CA"], "timeout_ms": 1500, "response_format": "jwt"})
+    config = {"cache": {"ttl_seconds": 30, "negative_ttl_seconds": 5}, "issuers": [issuer], "policies": policies()}
+    sc = Sidecar(work, config, name="sidecar-signed-introspection")
+    ng = Nginx(work / "nginx", certs, sc.port, echo.port)
+    yield Edge(sc, EdgeClient(ng.port, certs))
+    ng.stop()
+    sc.stop()
+
+
+def glewlwyd_signed_answer(idp: dict, token: str):
+    """What Glewlwyd answers to an RFC 9701 request: (status, content type, body)."""
+    import ssl
+    import urllib.request
+    ctx = ssl.create_default_context(cafile=idp["IDP_CA"])
+    basic = base64.b64encode(f"{idp['IDP_INTROSPECTION_CLIENT_ID']}:{idp['IDP_INTROSPECTION_CLIENT_SECRET']}".encode()).decode()
+    req = urllib.request.Request(idp["IDP_INTROSPECT_URL"], data=urllib.parse.urlencode({"token": token}).encode(),
+                                 headers={"Authorization": f"Basic {basic}", "Accept": "application/token-introspection+jwt"})
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+            return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type", ""), e.read().decode()
+
+
+def test_signed_introspection_glewlwyd_deviations_are_faults(signed_edge, idp):
+    """Glewlwyd signs its answers, but names the token's audience as `aud` (RFC 9701 §5 wants the
+    resource server's client id) and answers an unknown token with HTTP 400 and no body: the sidecar
+    reads both as AS faults (503), as the RFC requires of answers it cannot verify; never 200 or 401."""
+    fresh = get_token(idp)
+    status, ctype, body = glewlwyd_signed_answer(idp, fresh)
+    assert status == 200 and ctype.startswith("application/token-introspection+jwt"), (status, ctype)
+    assert jwt_header(body)["typ"] == "token-introspection+jwt"
+    answer = jwt_payload(body)
+    assert answer["iss"] == idp["IDP_ISSUER"] and answer["token_introspection"]["active"] is True
+    assert answer["aud"] != idp["IDP_INTROSPECTION_CLIENT_ID"], answer["aud"]     # the deviation
+    resp = signed_edge.request("/token-mtls/resource", fresh)
+    assert resp.status == 503, resp
+    log = signed_edge.sidecar.log_path.read_text()
+    assert "aud does not name this client" in log, log[-2000:]
+    assert jwks_fetches(signed_edge.sidecar, "ok") >= 1        # the signature itself was checked
+    # an unknown token: HTTP 400 with an empty body, not a signed inactive answer
+    status, _, body = glewlwyd_signed_answer(idp, "not-a-token-" + b64url(os.urandom(9)))
+    assert status == 400 and body == "", (status, body)
+    assert signed_edge.request("/token-mtls/resource", "not-a-token-at-all").status == 503
 
 # ---------------------------------------------------------------------------------------------
 # Key rotation: [A] -> [B, A] -> [B], no restart of the sidecar
