@@ -47,7 +47,13 @@ public struct AdminEndpoints: Sendable {
         case (.get, "/healthz"), (.head, "/healthz"):
             return Self.text(.ok, "ok\n")
         case (.get, "/readyz"), (.head, "/readyz"):
-            // Ready once configured, unless the AS was unreachable on the last attempt.
+            // Ready once configured, unless the AS was unreachable on the last attempt, or an
+            // issuer could not obtain its signing keys (every JWT of it would be a 503).
+            for issuer in slot.current.issuers {
+                if let fault = issuer.keys?.unavailable {
+                    return Self.text(.serviceUnavailable, "issuer \(issuer.name): no signing keys obtained (\(fault.label))\n")
+                }
+            }
             switch reachability.current {
             case .neverTried, .reachable: return Self.text(.ok, "ready\n")
             case .unreachable: return Self.text(.serviceUnavailable, "authorization server unreachable on the last attempt\n")

@@ -156,22 +156,37 @@ public struct Sidecar: Sendable {
 
 /// While the AS is unreachable, asks it again every few seconds (bypassing the cache), so that
 /// `/readyz` recovers even when no traffic arrives, as when an orchestrator stops sending any.
+/// Likewise fetches the key set of every issuer that has none yet (at start, then every few
+/// seconds until it has one).
 struct ReachabilityProbe: Service {
     let slot: AuthorizerSlot
     let reachability: ASReachability
     var interval: Duration = .seconds(5)
 
     func run() async throws {
+        // Issuers' key sets are fetched at start, so that the first JWT does not wait for them
+        // and /readyz can tell when they cannot be had.
+        await prefetchKeys()
         while !Task.isCancelled, !Task.isShuttingDownGracefully {
             do {
                 try await cancelWhenGracefulShutdown { try await Task.sleep(for: interval) }
             } catch {
                 return
             }
+            await prefetchKeys()
             if reachability.current == .unreachable {
                 for issuer in slot.current.issuers where issuer.configuration.validation.introspects {
                     await issuer.cache.probeUpstream()
                 }
+            }
+        }
+    }
+
+    private func prefetchKeys() async {
+        await withTaskGroup(of: Void.self) { group in
+            for issuer in slot.current.issuers {
+                guard let keys = issuer.keys, keys.current == nil else { continue }
+                group.addTask { await keys.prefetch() }
             }
         }
     }

@@ -119,6 +119,25 @@ public final class IssuerKeys: Sendable {
         }
     }
 
+    /// Fetches the key set when none was obtained yet (at start, and while the AS is down), so
+    /// that the first token does not wait for it and readiness can tell. Waits for the fetch.
+    public func prefetch() async {
+        let now = clock.uptime()
+        let flight: Task<Result<JSONWebKeySet, IntrospectionError>, Never>? = state.withLockedValue { state in
+            guard state.keys == nil else { return nil }
+            if let flight = state.flight { return flight }
+            if let attempted = state.attemptedAt, now - attempted < Self.retryWhileEmptySeconds { return nil }
+            return startFlight(&state, now: now)
+        }
+        _ = await flight?.value
+    }
+
+    /// Why the issuer cannot verify anything yet: nil once a key set was obtained, or before the
+    /// first fetch ended; else the last fetch's fault (for `/readyz`).
+    public var unavailable: IntrospectionError? {
+        state.withLockedValue { state in state.keys == nil ? state.lastError : nil }
+    }
+
     /// The key set now, if one was obtained (for tests and `check-config`).
     public var current: JSONWebKeySet? { state.withLockedValue { $0.keys } }
 

@@ -584,4 +584,29 @@ struct JWTAccessTokenTests {
             #expect(error.problems.contains { $0.hasPrefix("introspection.expected_issuer: is required for response_format: jwt") })
         }
     }
+
+    @Test("key sets are fetched ahead of the first token; /readyz says when an issuer has none")
+    func readiness() async throws {
+        let harness = try Harness()
+        harness.keys.fail(true)
+        let keys = try #require(harness.sidecar.authorizer.issuers[0].keys)
+        #expect(harness.sidecar.admin.respond(method: .get, path: "/readyz", body: nil)?.status == .ok)  // not tried yet
+        await keys.prefetch()
+        #expect(harness.keys.fetches == 1)
+        let down = harness.sidecar.admin.respond(method: .get, path: "/readyz", body: nil)
+        #expect(down?.status == .serviceUnavailable)
+        #expect(down.map { String(buffer: $0.body) }?.contains("issuer idp: no signing keys obtained") == true)
+        await keys.prefetch()
+        #expect(harness.keys.fetches == 1)  // at most once a second while there are none
+        harness.keys.fail(false)
+        harness.clock.advance(by: 1.5)
+        await keys.prefetch()
+        #expect(harness.keys.fetches == 2)
+        #expect(harness.sidecar.admin.respond(method: .get, path: "/readyz", body: nil)?.status == .ok)
+        // The first token is decided on the calling thread: the keys are already in hand.
+        let token = TestKeys.token(claims: JWTFixtures.claims(harness.now))
+        #expect(harness.sidecar.authorizer.answerWithoutSuspending(JWTFixtures.request(token))?.status == 200)
+        await keys.prefetch()
+        #expect(harness.keys.fetches == 2)  // nothing to do once a set is in hand
+    }
 }
