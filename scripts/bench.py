@@ -391,9 +391,10 @@ policies:
     proxy_cache_seconds: 30
 """
 
-    def start_sidecar(self, name: str, listen: str, as_port: int, grpc_listen: Optional[str] = None) -> subprocess.Popen:
+    def start_sidecar(self, name: str, listen: str, as_port: int, grpc_listen: Optional[str] = None,
+                      yaml: Optional[str] = None) -> subprocess.Popen:
         conf = self.work / f"{name}.yaml"
-        conf.write_text(self.sidecar_yaml(listen, as_port, grpc_listen))
+        conf.write_text(yaml or self.sidecar_yaml(listen, as_port, grpc_listen))
         check = subprocess.run([self.sidecar_bin, "check-config", "--config", str(conf)],
                                capture_output=True, text=True, timeout=30)
         if check.returncode != 0:
@@ -466,9 +467,8 @@ policies:
                                  timeout=60).stdout.split()
             self.jwt_signature_us[alg], self.jwt_bare_us[alg] = float(out[0]), float(out[1])
         self.jwt_hit_token = (self.jwt_dir / "tokens-RS256.txt").read_text().split("\n", 1)[0]
-        conf = self.work / "sidecar-jwt.yaml"
         self.jwt_port = stack.free_port()
-        conf.write_text(f"""# written by scripts/bench.py
+        self.jwt_proc = self.start_sidecar("sidecar-jwt", f"127.0.0.1:{self.jwt_port}", 0, yaml=f"""# written by scripts/bench.py
 server:
   listen: "127.0.0.1:{self.jwt_port}"
 issuers:
@@ -488,9 +488,6 @@ policies:
     certificate_header: X-Client-Cert
     certificate_format: pem-urlencoded
 """)
-        self.jwt_proc = PROCS.start("sidecar-jwt", [self.sidecar_bin, "serve", "--config", str(conf)],
-                                    self.work / "logs" / "sidecar-jwt.log")
-        stack.wait_http(f"http://127.0.0.1:{self.jwt_port}/healthz", timeout=20, proc=self.jwt_proc)
 
     def sidecar_metrics(self) -> str:
         return http_get(f"http://127.0.0.1:{self.sc_port}/metrics")[2].decode()

@@ -9,12 +9,7 @@ extension SidecarConfiguration {
         func line(_ indent: Int, _ key: String, _ value: String) {
             out += String(repeating: " ", count: indent) + key + ": " + value + "\n"
         }
-        func quoted(_ s: String?) -> String {
-            guard let s else { return "null" }
-            var escaped = ""
-            JSONValue.writeString(s, into: &escaped)
-            return escaped
-        }
+        let quoted = Self.quoted
         func list(_ items: [String]) -> String { "[" + items.map { quoted($0) }.joined(separator: ", ") + "]" }
 
         out += "server:\n"
@@ -97,16 +92,19 @@ extension SidecarConfiguration {
         return out
     }
 
+    /// A YAML (JSON) string, or null.
+    private static func quoted(_ s: String?) -> String {
+        guard let s else { return "null" }
+        var escaped = ""
+        JSONValue.writeString(s, into: &escaped)
+        return escaped
+    }
+
     private func writeIntrospection(_ introspection: IntrospectionConfiguration, indent: Int, into out: inout String) {
         func line(_ key: String, _ value: String) {
             out += String(repeating: " ", count: indent) + key + ": " + value + "\n"
         }
-        func quoted(_ s: String?) -> String {
-            guard let s else { return "null" }
-            var escaped = ""
-            JSONValue.writeString(s, into: &escaped)
-            return escaped
-        }
+        let quoted = Self.quoted
         line("endpoint", quoted(introspection.endpoint))
         line("client_id", quoted(introspection.clientID))
         line("client_secret", introspection.clientSecret == nil ? "null" : quoted("<redacted>"))

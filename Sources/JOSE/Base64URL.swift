@@ -1,22 +1,11 @@
+import Introspection
+
 /// base64url without padding (RFC 7515 §2), decoded strictly: only the URL-safe alphabet, no
 /// padding, no whitespace, and the unused low bits of the last character must be zero, so that
 /// every byte string has exactly one accepted encoding.
 public enum Base64URL {
-    private static let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".utf8)
-
     public static func encode<Bytes: Collection<UInt8>>(_ bytes: Bytes) -> String {
-        var out = [UInt8]()
-        out.reserveCapacity((bytes.count * 4 + 2) / 3)
-        var iterator = bytes.makeIterator()
-        while let b0 = iterator.next() {
-            let b1 = iterator.next()
-            let b2 = iterator.next()
-            out.append(alphabet[Int(b0 >> 2)])
-            out.append(alphabet[Int((b0 & 0x03) << 4 | (b1 ?? 0) >> 4)])
-            if let b1 { out.append(alphabet[Int((b1 & 0x0F) << 2 | (b2 ?? 0) >> 6)]) }
-            if let b2 { out.append(alphabet[Int(b2 & 0x3F)]) }
-        }
-        return String(decoding: out, as: UTF8.self)
+        Base64.encodeURLSafe(bytes)
     }
 
     /// The decoded bytes, or nil for any character outside the alphabet (padding included), a
