@@ -26,17 +26,50 @@
 #                                            WORKDIR/keys.env receives the kids (also written at setup):
 #                                              IDP_KEYS_STEP, IDP_KID_A, IDP_ALG_A, IDP_KID_B, IDP_ALG_B,
 #                                              IDP_SIGNING_KID, IDP_SIGNING_ALG, IDP_PUBLISHED_KIDS (comma list)
+#   scripts/idp-glewlwyd.sh --dpop WORKDIR [on|nonce|off]
+#                                            DPoP (RFC 9449) on a running server, through the admin API
+#                                            (GET/PUT /api/mod/plugin/oidc, then PUT .../reset):
+#                                              on     oauth-dpop-allowed, -iat-duration, -iat-gap-duration (default)
+#                                              nonce  the same, and oauth-dpop-nonce-mandatory: a proof without the
+#                                                     client's current nonce gets 400 use_dpop_nonce + DPoP-Nonce
+#                                              off    back to a fresh setup's values: oauth-dpop-allowed false,
+#                                                     iat-duration 0, iat-gap-duration 0, no nonce (see below)
+#                                            and a client "dpop-client" (client_secret_basic, client_credentials,
+#                                            scope system-access). Then it checks, with a proof it makes itself
+#                                            (openssl + python3's standard library): token_type DPoP and cnf.jkt =
+#                                            the RFC 7638 thumbprint of the proof's key, in the JWT and in
+#                                            introspection; the mTLS client with a proof gets x5t#S256 and jkt.
+#                                            idp.env receives IDP_DPOP_* (below).
+#   Glewlwyd's DPoP, as checked against 2.7.5: the proof's htu must be exactly
+#   external_url/api/oidc/token (string comparison: no case folding, no default-port removal, no
+#   query); a bad proof gets 403 {"error":"invalid_dpop_proof"} (no WWW-Authenticate); a replayed jti
+#   is refused; typ is matched as a substring ("xdpop+jwtx" passes); a jwk with "d" is refused. With
+#   nonces the first request gets 400 {"error":"use_dpop_nonce"} and a DPoP-Nonce header; the nonce
+#   is per client (not per key) and is replaced every oauth-dpop-nonce-counter + 1 DPoP token
+#   requests, the new one announced in the DPoP-Nonce header of the 200 that replaced it. Without a
+#   proof the same client gets token_type "bearer" (lower case) and no cnf.
+#   The token endpoint checks a proof whenever one is sent, even with oauth-dpop-allowed false (that
+#   switch only hides dpop_signing_alg_values_supported in discovery): without --dpop, or after
+#   "--dpop WORKDIR off", iat-duration and iat-gap-duration are 0, so a proof whose iat is the
+#   current second still gets a DPoP-bound token and any other is 403 invalid_dpop_proof. Glewlwyd
+#   cannot be told to refuse or ignore DPoP.
 #
 # Environment:
 #   IDP_PORT       HTTPS port on 127.0.0.1 (default 4594; 4593 is the distro service's)
 #   IDP_TOKEN_TTL  access-token lifetime in seconds (default 3600)
 #   IDP_RESOURCE   the RFC 8707 resource allowed for the scope system-access (default https://api.example.test/)
+#   IDP_DPOP       on|nonce: at setup, switch DPoP on as --dpop does (default: not configured)
+#   IDP_DPOP_IAT_DURATION (60), IDP_DPOP_IAT_GAP (5), IDP_DPOP_NONCE_COUNTER (10): the oauth-dpop-* values
 #   IDP_PKI_DIR    optional: a directory made by scripts/mkcerts.sh (ca.crt, ca.key, client1.*, client2.*);
 #                  its CA signs Glewlwyd's server certificate and its client certs are the ones the
 #                  tokens are bound to, so nginx and Glewlwyd trust the same client certificates.
 #                  Without it the script makes its own PKI with scripts/mkcerts.sh.
 #
 # WORKDIR/idp.env receives every URL, path and credential the tests need (shell syntax, sourceable).
+# With DPoP configured it also has IDP_DPOP_MODE, IDP_DPOP_CLIENT_ID, IDP_DPOP_CLIENT_SECRET,
+# IDP_DPOP_SCOPE, IDP_DPOP_HTU (the exact htu the token endpoint wants), IDP_DPOP_ALGS (discovery's
+# dpop_signing_alg_values_supported, comma list), IDP_DPOP_IAT_DURATION, IDP_DPOP_IAT_GAP,
+# IDP_DPOP_NONCE (true|false), IDP_DPOP_NONCE_COUNTER.
 # Needs root for apt-get when packages are missing (Debian 12). Only 127.0.0.1 is contacted.
 set -euo pipefail
 
@@ -48,6 +81,11 @@ PLUGIN=oidc
 MTLS_CLIENT=system-client-mtls
 MTLS_SCOPE=system-access
 INTRO_CLIENT=introspection-client
+DPOP_CLIENT=dpop-client   # made by --dpop (or IDP_DPOP at setup)
+# The caller's DPoP settings, read before any idp.env is sourced (idp.env records the values in force).
+DPOP_IAT_DURATION="${IDP_DPOP_IAT_DURATION:-60}"
+DPOP_IAT_GAP="${IDP_DPOP_IAT_GAP:-5}"
+DPOP_NONCE_COUNTER="${IDP_DPOP_NONCE_COUNTER:-10}"
 INTRO_SECRET=introspection-secret-$(head -c 12 /dev/urandom | base64 | tr '+/' '-_')
 INTRO_SCOPE=introspect
 RESOURCE="${IDP_RESOURCE:-https://api.example.test/}"
@@ -145,6 +183,154 @@ client1_token() {   # [RESOURCE] -> a client_credentials access token for client
   curl "${args[@]}" "$IDP_TOKEN_URL" | jq -r '.access_token // empty'
 }
 
+# ------------------------------------------------------------------------------ DPoP (RFC 9449) helpers
+# A DPoP proof made with openssl and the Python standard library only (no PyPI package): the
+# script must be able to check the AS on a machine that has nothing but Debian's packages.
+dpop_proof() {   # KEYFILE (P-256 PEM) HTM HTU [NONCE] -> a compact ES256 DPoP proof (typ dpop+jwt, jwk header)
+  local jwk
+  jwk=$(private_jwk "$1" thumbprint ES256)
+  python3 -c '
+import base64, json, subprocess, sys, time, uuid
+key, htm, htu, nonce, jwk = sys.argv[1:6]
+jwk = json.loads(jwk)
+def b64u(b): return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+def enc(o): return b64u(json.dumps(o, separators=(",", ":")).encode())
+claims = {"jti": str(uuid.uuid4()), "htm": htm, "htu": htu, "iat": int(time.time())}
+if nonce: claims["nonce"] = nonce
+header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": {k: jwk[k] for k in ("kty", "crv", "x", "y")}}
+signing_input = (enc(header) + "." + enc(claims)).encode()
+der = subprocess.run(["openssl", "dgst", "-sha256", "-sign", key], input=signing_input,
+                     capture_output=True, check=True).stdout
+def items(b):   # the INTEGERs of the ECDSA-Sig-Value SEQUENCE (short lengths only: P-256)
+    assert b[0] == 0x30
+    body, out, i = b[2:], [], 0
+    while i < len(body):
+        n = body[i + 1]; out.append(body[i + 2:i + 2 + n]); i += 2 + n
+    return out
+r, s = items(der)
+print(signing_input.decode() + "." + b64u(r.lstrip(b"\0").rjust(32, b"\0") + s.lstrip(b"\0").rjust(32, b"\0")))
+' "$1" "$2" "$3" "${4:-}" "$jwk"
+}
+
+dpop_token_request() {   # OUTFILE KEYFILE [NONCE] [mtls] -> HTTP status; body in OUTFILE, headers in OUTFILE.hdr
+  local out="$1" key="$2" nonce="${3:-}" mode="${4:-}" args
+  args=(-sS --max-time 10 -o "$out" -D "$out.hdr" -w '%{http_code}' --cacert "$IDP_CA"
+        -H "DPoP: $(dpop_proof "$key" POST "$IDP_DPOP_HTU" "$nonce")"
+        -d grant_type=client_credentials)
+  if [ "$mode" = mtls ]; then
+    args+=(--cert "$IDP_CLIENT1_CERT" --key "$IDP_CLIENT1_KEY" -d client_id="$IDP_MTLS_CLIENT_ID" -d scope="$IDP_MTLS_SCOPE")
+  else
+    args+=(-u "$IDP_DPOP_CLIENT_ID:$IDP_DPOP_CLIENT_SECRET" -d scope="$IDP_DPOP_SCOPE")
+  fi
+  curl "${args[@]}" "$IDP_TOKEN_URL"
+}
+
+dpop_token() {   # OUTFILE KEYFILE [mtls] -> a DPoP token answer in OUTFILE (retries once with the AS's DPoP-Nonce)
+  local code nonce
+  code=$(dpop_token_request "$1" "$2" "" "${3:-}")
+  if [ "$code" = 400 ] && [ "$(jq -r '.error // empty' "$1" 2>/dev/null)" = use_dpop_nonce ]; then
+    nonce=$(sed -n 's/^[Dd][Pp][Oo][Pp]-[Nn][Oo][Nn][Cc][Ee]: *//p' "$1.hdr" | tr -d '\r')
+    [ -n "$nonce" ] || { echo "use_dpop_nonce without a DPoP-Nonce header" >&2; return 1; }
+    echo "  the AS asked for a nonce (400 use_dpop_nonce, DPoP-Nonce: $nonce); retrying with it" >&2
+    code=$(dpop_token_request "$1" "$2" "$nonce" "${3:-}")
+  fi
+  [ "$code" = 200 ] || { echo "DPoP token request -> HTTP $code: $(cat "$1")" >&2; return 1; }
+}
+
+configure_dpop() {   # MODE (on|nonce|off); uses WORK, BASE_URL, CA and the IDP_* values of idp.env
+  local mode="$1" allowed=true nonce=false J="$WORK/api-json" key jkt at payload intro x5t secret
+  local iat="$DPOP_IAT_DURATION" gap="$DPOP_IAT_GAP" counter="$DPOP_NONCE_COUNTER"
+  case "$mode" in
+    on) ;;
+    nonce) nonce=true ;;
+    off) allowed=false iat=0 gap=0 ;;   # the values of a fresh setup (Glewlwyd's own defaults are 10 and 0)
+    *) die "unknown DPoP mode '$mode' (on, nonce or off)" ;;
+  esac
+  JAR="$WORK/admin-cookies.txt"
+  mkdir -p "$J"
+  jq -n --arg u "$IDP_ADMIN_USER" --arg p "$IDP_ADMIN_PASSWORD" '{username:$u,password:$p}' > "$J/login.json"
+  api POST /auth/ "$J/login.json"
+  api GET /mod/plugin/oidc
+  # oauth-dpop-iat-duration: how old a proof's iat may be; -iat-gap-duration: how far ahead.
+  # oauth-dpop-nonce-mandatory: proofs must carry the client's current nonce (a 400 use_dpop_nonce
+  # with a DPoP-Nonce header tells it); the nonce changes after -nonce-counter DPoP token requests.
+  (umask 077; jq --argjson allowed "$allowed" --argjson nonce "$nonce" --argjson iat "$iat" --argjson gap "$gap" \
+     --argjson counter "$counter" '{display_name, parameters: (.parameters + {
+       "oauth-dpop-allowed": $allowed, "oauth-dpop-iat-duration": $iat, "oauth-dpop-iat-gap-duration": $gap,
+       "oauth-dpop-nonce-mandatory": $nonce, "oauth-dpop-nonce-counter": $counter})}' \
+     "$WORK/api.out" > "$J/dpop-plugin.json")   # holds the signing key: private, and removed below
+  api PUT /mod/plugin/oidc "$J/dpop-plugin.json"
+  api PUT /mod/plugin/oidc/reset        # a PUT alone does not reload the plugin
+  rm -f "$J/dpop-plugin.json"
+
+  # The client_secret_basic client for DPoP tokens (made once; its secret is kept in idp.env).
+  secret="${IDP_DPOP_CLIENT_SECRET:-}"
+  if ! api GET "/client/$DPOP_CLIENT" 2>/dev/null || [ -z "$secret" ]; then
+    [ -n "$secret" ] || secret=dpop-secret-$(head -c 12 /dev/urandom | base64 | tr '+/' '-_')
+    jq -n --arg id "$DPOP_CLIENT" --arg scope "$MTLS_SCOPE" --arg secret "$secret" '{
+      client_id: $id, name: $id, description: "RFC 9449 DPoP client (client_secret_basic, client_credentials)",
+      enabled: true, confidential: true, scope: [$scope], redirect_uri: [],
+      authorization_type: ["client_credentials"],
+      token_endpoint_auth_method: ["client_secret_basic"],
+      client_secret: $secret }' > "$J/client-dpop.json"
+    chmod 600 "$J/client-dpop.json"
+    if api GET "/client/$DPOP_CLIENT" 2>/dev/null; then api PUT "/client/$DPOP_CLIENT" "$J/client-dpop.json"
+    else api POST /client/ "$J/client-dpop.json"; fi
+  fi
+  rm -f "$JAR" "$WORK/api.out"
+
+  # Glewlwyd compares a proof's htu with external_url + "/" + api_prefix + "/" + plugin name + "/token"
+  # as an exact string: no normalisation, no query.
+  local algs
+  algs=$(curl -sS --max-time 10 --cacert "$CA" "$IDP_DISCOVERY_URL" | jq -r '(.dpop_signing_alg_values_supported // []) | join(",")')
+  sed -i '/^IDP_DPOP_/d' "$WORK/idp.env"
+  cat >> "$WORK/idp.env" <<ENV
+IDP_DPOP_MODE=$mode
+IDP_DPOP_CLIENT_ID=$DPOP_CLIENT
+IDP_DPOP_CLIENT_SECRET=$secret
+IDP_DPOP_SCOPE=$MTLS_SCOPE
+IDP_DPOP_HTU=$IDP_ISSUER/token
+IDP_DPOP_ALGS=$algs
+IDP_DPOP_IAT_DURATION=$iat
+IDP_DPOP_IAT_GAP=$gap
+IDP_DPOP_NONCE=$nonce
+IDP_DPOP_NONCE_COUNTER=$counter
+ENV
+  set -a; . "$WORK/idp.env"; set +a
+  echo "DPoP $mode: oauth-dpop-allowed=$allowed iat-duration=$iat iat-gap-duration=$gap nonce-mandatory=$nonce;" \
+       "discovery dpop_signing_alg_values_supported=[$algs]"
+  if [ "$mode" = off ]; then
+    [ -z "$algs" ] || die "discovery still announces DPoP algorithms [$algs]"
+    return 0
+  fi
+  [ -n "$algs" ] || die "discovery announces no dpop_signing_alg_values_supported"
+
+  # Verify with a throwaway P-256 key: token_type DPoP, cnf.jkt = RFC 7638 thumbprint, in the JWT and
+  # in introspection; the mTLS client with a proof gets both cnf members.
+  key="$WORK/dpop-check.key"
+  (umask 077; openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$key" 2>/dev/null)
+  jkt=$(private_jwk "$key" thumbprint ES256 | jq -r .kid)
+  dpop_token "$J/dpop-token.json" "$key" || die "no DPoP token for $DPOP_CLIENT"
+  [ "$(jq -r .token_type "$J/dpop-token.json")" = DPoP ] || die "token_type is not DPoP: $(jq -c 'del(.access_token)' "$J/dpop-token.json")"
+  at=$(jq -r .access_token "$J/dpop-token.json")
+  payload=$(b64url_json "$(cut -d. -f2 <<<"$at")")
+  [ "$(jq -r '.cnf.jkt // empty' <<<"$payload")" = "$jkt" ] || die "the token's cnf is $(jq -c .cnf <<<"$payload"), expected jkt $jkt"
+  intro=$(curl -sS --max-time 10 --cacert "$CA" -u "$IDP_INTROSPECTION_CLIENT_ID:$IDP_INTROSPECTION_CLIENT_SECRET" \
+          -d "token=$at" "$IDP_INTROSPECT_URL")
+  [ "$(jq -r .active <<<"$intro")" = true ] && [ "$(jq -r '.cnf.jkt // empty' <<<"$intro")" = "$jkt" ] \
+    || die "introspection of the DPoP token: $(jq -c '{active, token_type, cnf}' <<<"$intro")"
+  echo "$DPOP_CLIENT: token_type DPoP, cnf.jkt = RFC 7638 thumbprint of the proof's key ($jkt), introspection: $(jq -c '{active, token_type, cnf}' <<<"$intro")"
+  dpop_token "$J/dpop-token-mtls.json" "$key" mtls || die "no DPoP token for $IDP_MTLS_CLIENT_ID"
+  at=$(jq -r .access_token "$J/dpop-token-mtls.json")
+  payload=$(b64url_json "$(cut -d. -f2 <<<"$at")")
+  x5t=$(openssl x509 -in "$IDP_CLIENT1_CERT" -outform DER | openssl dgst -sha256 -binary | openssl base64 -A | tr '+/' '-_' | tr -d '=')
+  [ "$(jq -r .token_type "$J/dpop-token-mtls.json")" = DPoP ] && [ "$(jq -r '.cnf.jkt // empty' <<<"$payload")" = "$jkt" ] \
+    && [ "$(jq -r '.cnf["x5t#S256"] // empty' <<<"$payload")" = "$x5t" ] \
+    || die "the mTLS client's DPoP token: token_type $(jq -r .token_type "$J/dpop-token-mtls.json"), cnf $(jq -c .cnf <<<"$payload")"
+  echo "$IDP_MTLS_CLIENT_ID with client1's certificate and a proof: token_type DPoP, cnf $(jq -c .cnf <<<"$payload")"
+  rm -f "$key" "$J"/dpop-token*.json*
+}
+
 write_keys_env() {   # STEP SIGNING_KID SIGNING_ALG PUBLISHED_KIDS; uses WORK, KID_A, KID_B
   cat > "$WORK/keys.env.tmp" <<KEYS
 # written by scripts/idp-glewlwyd.sh - the access-token signing keys (source it)
@@ -194,6 +380,19 @@ if [ "${1:-}" = "--start" ]; then
   start_glewlwyd
   sed -i "s/^IDP_PID=.*/IDP_PID=$PID/" "$WORK/idp.env"
   started_ok=yes
+  exit 0
+fi
+
+if [ "${1:-}" = "--dpop" ]; then
+  [ $# -eq 2 ] || [ $# -eq 3 ] || die "usage: $0 --dpop WORKDIR [on|nonce|off]"
+  load_env "$2"
+  running || die "glewlwyd of $WORK is not running (start it with: $0 --start $WORK)"
+  command -v python3 >/dev/null || die "python3 is needed to make DPoP proofs"
+  set -a; . "$WORK/idp.env"; set +a
+  trap 'rm -f "$WORK/admin-cookies.txt"' EXIT
+  log "DPoP mode ${3:-on} on $BASE_URL"
+  configure_dpop "${3:-on}"
+  echo "IDP_DPOP_* in $WORK/idp.env"
   exit 0
 fi
 
@@ -248,7 +447,8 @@ if [ "${1:-}" = "--rotate" ]; then
   exit 0
 fi
 
-[ $# -eq 1 ] || die "usage: $0 [--stop|--start] WORKDIR | --rotate WORKDIR STEP"
+[ $# -eq 1 ] || die "usage: $0 [--stop|--start] WORKDIR | --rotate WORKDIR STEP | --dpop WORKDIR [on|nonce|off]"
+case "${IDP_DPOP:-}" in ""|on|nonce) ;; *) die "IDP_DPOP must be on or nonce (got '$IDP_DPOP')" ;; esac
 WORK="$1"
 
 # ------------------------------------------------------------------------------ 1. packages
@@ -474,6 +674,10 @@ RAT=$(client1_token "$RESOURCE")
 [ -n "$RAT" ] && [ "$(b64url_json "$(cut -d. -f2 <<<"$RAT")" | jq -r .aud)" = "$RESOURCE" ] \
   || die "a token requested with resource=$RESOURCE does not have aud=$RESOURCE"
 echo "resource=$RESOURCE at the token endpoint gives aud=$RESOURCE (RFC 8707)"
+if [ -n "${IDP_DPOP:-}" ]; then
+  log "DPoP mode $IDP_DPOP (IDP_DPOP)"
+  configure_dpop "$IDP_DPOP"
+fi
 
 started_ok=yes
 cat <<SUMMARY
@@ -484,4 +688,5 @@ glewlwyd PID $PID on $BASE_URL (issuer $OIDC)
   env file:            $WORK/idp.env
   log:                 $WORK/glewlwyd.log
   stop with:           $0 --stop $WORK   (start again with --start)
+  DPoP:                ${IDP_DPOP:-not configured} (switch with: $0 --dpop $WORK on|nonce|off)
 SUMMARY
