@@ -18,6 +18,7 @@ struct JWTFixtures: ParsableCommand {
     @Option var scope = "system-access"
     @Option(help: "cnf.x5t#S256 of the client certificate the tokens are bound to.") var thumbprint: String
     @Option(help: "Distinct tokens per algorithm.") var count = 5000
+    @Option(help: "With it: a DPoP-bound token and a pool of `count` ES256 proofs for this URL (GET).") var dpopHTU: String?
 
     func run() throws {
         let rsa = try _RSA.Signing.PrivateKey(keySize: .bits2048)
@@ -46,6 +47,29 @@ struct JWTFixtures: ParsableCommand {
                 lines.append(input + "." + Base64URL.encode(signature))
             }
             try (lines.joined(separator: "\n") + "\n").write(to: url.appendingPathComponent("tokens-\(alg).txt"), atomically: true, encoding: .utf8)
+        }
+        if let dpopHTU {
+            // A client key, a token bound to it (cnf.jkt), and one fresh proof per request to come.
+            let client = P256.Signing.PrivateKey()
+            let clientRaw = Array(client.publicKey.rawRepresentation)
+            let jwk = #"{"crv":"P-256","kty":"EC","x":"\#(Base64URL.encode(clientRaw[0..<32]))","y":"\#(Base64URL.encode(clientRaw[32..<64]))"}"#
+            let jkt = Base64URL.encode(Array(SHA256.hash(data: Array(jwk.utf8))))
+            let header = #"{"alg":"RS256","kid":"bench-rsa","typ":"at+jwt"}"#
+            let claims = #"{"iss":"\#(issuer)","aud":"\#(audience)","client_id":"bench-dpop","sub":"bench-dpop","scope":"\#(scope)","iat":\#(now),"exp":\#(now + 86_400),"jti":"bench-dpop","cnf":{"jkt":"\#(jkt)"}}"#
+            let input = Base64URL.encode(Array(header.utf8)) + "." + Base64URL.encode(Array(claims.utf8))
+            let token = input + "." + Base64URL.encode(Array(try rsa.signature(for: SHA256.hash(data: Array(input.utf8)), padding: .insecurePKCS1v1_5).rawRepresentation))
+            try (token + "\n").write(to: url.appendingPathComponent("dpop-token.txt"), atomically: true, encoding: .utf8)
+            let ath = Base64URL.encode(Array(SHA256.hash(data: Array(token.utf8))))
+            let proofHeader = Base64URL.encode(Array(#"{"typ":"dpop+jwt","alg":"ES256","jwk":\#(jwk)}"#.utf8))
+            var proofs: [String] = []
+            proofs.reserveCapacity(count)
+            for i in 0..<count {
+                let body = #"{"jti":"bench-\#(i)-\#(UInt32.random(in: 0...UInt32.max))","htm":"GET","htu":"\#(dpopHTU)","iat":\#(now),"ath":"\#(ath)"}"#
+                let signingInput = proofHeader + "." + Base64URL.encode(Array(body.utf8))
+                let signature = try client.signature(for: SHA256.hash(data: Array(signingInput.utf8))).rawRepresentation
+                proofs.append(signingInput + "." + Base64URL.encode(Array(signature)))
+            }
+            try (proofs.joined(separator: "\n") + "\n").write(to: url.appendingPathComponent("proofs-ES256.txt"), atomically: true, encoding: .utf8)
         }
         print("wrote \(dir)/jwks.json and \(count) tokens per algorithm")
     }

@@ -26,6 +26,9 @@ public struct AccessRequest: Sendable {
     public var policyHint: String?
     /// Total bytes of header names and values, for `max_header_bytes`.
     public var headerBytes: Int
+    /// The original scheme when the proxy reports it in the question itself (Envoy gRPC's
+    /// `attributes.request.http.scheme`); nil: `X-Forwarded-Proto`, else https.
+    public var scheme: String?
     /// An nginx-form question that did not say what it asks about (no `X-Original-URI`): a proxy
     /// misconfiguration, refused rather than read as `GET /` (DESIGN.md §5.1).
     public var originalURIMissing = false

@@ -21,6 +21,8 @@ public final class Authorizer: Sendable {
     private let metrics: DecisionMetrics
     private let faultLog: RateLimitedLog
     let allowAnswers = AllowAnswerMemo()
+    /// DPoP proofs: replay memory and nonces (shared by the generations of a running sidecar).
+    let dpop: DPoPVerifier
     /// Whether any policy has `match.hosts`.
     private let comparesHosts: Bool
 
@@ -42,12 +44,14 @@ public final class Authorizer: Sendable {
     public init(
         configuration: SidecarConfiguration,
         issuers: [Issuer],
+        dpop: DPoPVerifier? = nil,
         clock: any EpochClock = SystemEpochClock(),
         logger: Logger = Logger(label: "authz"),
         metrics factory: any MetricsFactory = MetricsSystem.factory
     ) {
         self.configuration = configuration
         self.issuers = issuers
+        self.dpop = dpop ?? DPoPVerifier(server: configuration.server)
         let thumbprints = ThumbprintCache()
         self.evaluations = configuration.policies.map { policy in
             let accepted = policy.issuers.isEmpty ? issuers : issuers.filter { policy.issuers.contains($0.name) }
@@ -62,8 +66,8 @@ public final class Authorizer: Sendable {
 
     /// Decides and renders the answer for the proxy that asked.
     public func answer(_ request: AccessRequest) async -> AuthzAnswer {
-        let (outcome, policy) = await authorize(request)
-        return render(outcome, policy: policy, front: request.front)
+        let (outcome, policy, dpopContext) = await decideAndExplain(request)
+        return render(outcome, policy: policy, front: request.front, dpop: dpopContext)
     }
 
     /// The answer without suspending, when no call to the AS is needed: a denial before
@@ -72,50 +76,62 @@ public final class Authorizer: Sendable {
     public func answerWithoutSuspending(_ request: AccessRequest) -> AuthzAnswer? {
         let started = clock.now()
         switch prepare(request, started: started) {
-        case .decided(let outcome, let policy):
-            return render(outcome, policy: policy, front: request.front)
-        case .introspect(let evaluation, let issuer, let token, let digest):
+        case .decided(let outcome, let policy, let dpopContext):
+            return render(outcome, policy: policy, front: request.front, dpop: dpopContext)
+        case .introspect(let evaluation, let issuer, let token, let digest, let proof):
             // A hit, or a JWT verified here and now with keys in hand.
             guard let found = issuer.cache.lookupWithoutSuspending(token: token, digest: digest) else { return nil }
-            let decision = evaluation.decide(token: found.info, request: request, now: clock.now(), issuer: issuer)
+            let decision = evaluation.decide(token: found.info, request: request, now: clock.now(), issuer: issuer, dpopKey: proof?.key)
             let outcome = Outcome.decision(decision)
             record(outcome, policy: evaluation.policy, digest: digest, request: request, started: started)
             // A rendering is remembered from the second sight on: a token seen once (a JWT
-            // verified just now) would only churn the memo.
-            if case .allow(let grant) = decision, found.source == .hit {
+            // verified just now) would only churn the memo. DPoP answers are never remembered.
+            if case .allow(let grant) = decision, found.source == .hit, proof == nil {
                 return allowAnswers.answer(for: grant, digest: digest, policy: evaluation, front: request.front) {
-                    render(outcome, policy: evaluation.policy, front: request.front)
+                    render(outcome, policy: evaluation.policy, front: request.front, dpop: nil)
                 }
             }
-            return render(outcome, policy: evaluation.policy, front: request.front)
+            return render(outcome, policy: evaluation.policy, front: request.front, dpop: proof?.context)
         }
     }
 
     /// Decides (DESIGN.md §5), logging denials and faults.
     public func authorize(_ request: AccessRequest) async -> (Outcome, PolicyConfiguration?) {
+        let (outcome, policy, _) = await decideAndExplain(request)
+        return (outcome, policy)
+    }
+
+    /// The same, with what a DPoP answer adds.
+    func decideAndExplain(_ request: AccessRequest) async -> (Outcome, PolicyConfiguration?, AuthzAnswer.DPoPContext?) {
         let started = clock.now()
         switch prepare(request, started: started) {
-        case .decided(let outcome, let policy):
-            return (outcome, policy)
-        case .introspect(let evaluation, let issuer, let token, let digest):
+        case .decided(let outcome, let policy, let dpopContext):
+            return (outcome, policy, dpopContext)
+        case .introspect(let evaluation, let issuer, let token, let digest, let proof):
             // 3. validation through the issuer's cache: introspection, or the JWT verified locally
             let outcome: Outcome
             do {
                 let answer = try await issuer.cache.lookup(token: token, digest: digest)
                 // 4–7. the pure decision
-                outcome = .decision(evaluation.decide(token: answer.info, request: request, now: clock.now(), issuer: issuer))
+                outcome = .decision(evaluation.decide(token: answer.info, request: request, now: clock.now(), issuer: issuer, dpopKey: proof?.key))
             } catch {
                 outcome = .fault(error)
             }
             record(outcome, policy: evaluation.policy, digest: digest, request: request, started: started)
-            return (outcome, evaluation.policy)
+            return (outcome, evaluation.policy, proof?.context)
         }
+    }
+
+    /// A verified DPoP proof: its key's thumbprint, and what the answer adds.
+    struct VerifiedProof {
+        var key: String
+        var context: AuthzAnswer.DPoPContext
     }
 
     /// Steps 1–2, which need no I/O: either a decision already, or the token to introspect.
     private enum Prepared {
-        case decided(Outcome, PolicyConfiguration?)
-        case introspect(PolicyEvaluation, Issuer, token: String, digest: TokenDigest)
+        case decided(Outcome, PolicyConfiguration?, AuthzAnswer.DPoPContext?)
+        case introspect(PolicyEvaluation, Issuer, token: String, digest: TokenDigest, proof: VerifiedProof?)
     }
 
     private func prepare(_ request: AccessRequest, started: Double) -> Prepared {
@@ -127,41 +143,89 @@ public final class Authorizer: Sendable {
         case .refused(let denial):
             let outcome = Outcome.decision(.deny(denial))
             record(outcome, policy: nil, digest: nil, request: request, started: started)
-            return .decided(outcome, nil)
+            return .decided(outcome, nil, nil)
         }
         let policy = evaluation.policy
         if request.headerBytes > configuration.server.maxHeaderBytes {
             let outcome = Outcome.decision(.deny(Denial(.requestTooLarge, detail: "\(request.headerBytes) header bytes")))
             record(outcome, policy: policy, digest: nil, request: request, started: started)
-            return .decided(outcome, policy)
+            return .decided(outcome, policy, nil)
         }
         // 2. token
         switch BearerToken.parse(request.headers.values(.authorization)) {
         case .missing:
             let outcome: Outcome = policy.allowAnonymous ? .decision(.allow(Grant(token: nil))) : .decision(.deny(Denial(.noToken)))
             record(outcome, policy: policy, digest: nil, request: request, started: started)
-            return .decided(outcome, policy)
+            return .decided(outcome, policy, nil)
         case .malformed(let why):
             let outcome = Outcome.decision(.deny(Denial(.malformedToken, detail: why)))
             record(outcome, policy: policy, digest: nil, request: request, started: started)
-            return .decided(outcome, policy)
-        case .dpop:
-            let outcome = Outcome.decision(.deny(Denial(.dpopUnsupported, detail: "Authorization: DPoP is not supported yet; a DPoP token is never anonymous")))
-            record(outcome, policy: policy, digest: nil, request: request, started: started)
-            return .decided(outcome, policy)
+            return .decided(outcome, policy, nil)
+        case .dpop(let token):
+            guard policy.dpop != .disabled else {
+                let outcome = Outcome.decision(.deny(Denial(.dpopUnsupported, detail: "Authorization: DPoP on a policy with dpop: disabled; a DPoP token is never anonymous")))
+                record(outcome, policy: policy, digest: nil, request: request, started: started)
+                return .decided(outcome, policy, nil)
+            }
+            // The proof first: a bad one never costs an AS call (RFC 9449 §4.3, DESIGN.md §10).
+            let now = clock.now()
+            var context = AuthzAnswer.DPoPContext(algorithms: dpop.challengeAlgorithms, nonce: policy.dpopNonce ? dpop.currentNonce(now: now) : nil)
+            let digest = TokenDigest(token: token)
+            let verified = dpop.verify(
+                proofs: request.headers[canonicalForm: "DPoP"].map(String.init), token: token, method: request.method,
+                expectedURL: expectedURL(of: request, policy: policy), maxAgeSeconds: policy.dpopMaxAgeSeconds,
+                leewaySeconds: policy.dpopIatLeewaySeconds, requireNonce: policy.dpopNonce, now: now, uptime: clock.uptime()
+            )
+            let key: String
+            switch verified {
+            case .success(let thumbprint):
+                key = thumbprint
+            case .failure(.proof(let why)):
+                let outcome = Outcome.decision(.deny(Denial(.dpopProof, detail: why)))
+                record(outcome, policy: policy, digest: digest, request: request, started: started)
+                return .decided(outcome, policy, context)
+            case .failure(.nonce(let why)):
+                context.nonce = dpop.currentNonce(now: now)
+                let outcome = Outcome.decision(.deny(Denial(.dpopNonce, detail: why)))
+                record(outcome, policy: policy, digest: digest, request: request, started: started)
+                return .decided(outcome, policy, context)
+            }
+            guard let issuer = evaluation.route.issuer(for: token) else {
+                let outcome = Outcome.decision(.deny(Denial(.noIssuer, detail: "no issuer the policy accepts takes this token")))
+                record(outcome, policy: policy, digest: digest, request: request, started: started)
+                return .decided(outcome, policy, context)
+            }
+            return .introspect(evaluation, issuer, token: token, digest: digest, proof: VerifiedProof(key: key, context: context))
         case .token(let token):
+            if policy.dpop == .required {
+                let now = clock.now()
+                let context = AuthzAnswer.DPoPContext(algorithms: dpop.challengeAlgorithms, nonce: policy.dpopNonce ? dpop.currentNonce(now: now) : nil)
+                let outcome = Outcome.decision(.deny(Denial(.dpopRequired, detail: "a Bearer token on a policy with dpop: required")))
+                record(outcome, policy: policy, digest: TokenDigest(token: token), request: request, started: started)
+                return .decided(outcome, policy, context)
+            }
             guard let issuer = evaluation.route.issuer(for: token) else {
                 let outcome = Outcome.decision(.deny(Denial(.noIssuer, detail: "no issuer the policy accepts takes this token")))
                 record(outcome, policy: policy, digest: TokenDigest(token: token), request: request, started: started)
-                return .decided(outcome, policy)
+                return .decided(outcome, policy, nil)
             }
-            return .introspect(evaluation, issuer, token: token, digest: TokenDigest(token: token))
+            return .introspect(evaluation, issuer, token: token, digest: TokenDigest(token: token), proof: nil)
         }
     }
 
+    /// The URL a DPoP proof's `htu` must name (RFC 9449 §4.3): `public_base_url`, else the
+    /// scheme the proxy reports (gRPC attributes, `X-Forwarded-Proto`, else https) and the
+    /// original host; then the original path (query and fragment are not compared).
+    func expectedURL(of request: AccessRequest, policy: PolicyConfiguration) -> String {
+        let path = request.path.prefix { $0 != "?" && $0 != "#" }
+        if let base = policy.publicBaseURL { return base + path }
+        let scheme = request.scheme ?? request.headers.first(name: "X-Forwarded-Proto").map { $0.lowercased() } ?? "https"
+        return scheme + "://" + request.host + path
+    }
+
     /// Renders an outcome; logs claim headers dropped for control characters (DESIGN.md §6).
-    private func render(_ outcome: Outcome, policy: PolicyConfiguration?, front: AccessRequest.Front) -> AuthzAnswer {
-        let answer = AuthzAnswer(outcome: outcome, policy: policy, front: front)
+    private func render(_ outcome: Outcome, policy: PolicyConfiguration?, front: AccessRequest.Front, dpop: AuthzAnswer.DPoPContext?) -> AuthzAnswer {
+        let answer = AuthzAnswer(outcome: outcome, policy: policy, front: front, dpop: dpop)
         if !answer.droppedHeaders.isEmpty {
             logger.warning(
                 "claim headers dropped: value holds a control character",

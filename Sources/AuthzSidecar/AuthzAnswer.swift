@@ -22,8 +22,21 @@ public struct AuthzAnswer: Sendable {
     /// Seconds a client should wait after an AS fault.
     public static let retryAfterSeconds = 2
 
-    /// Renders a decision or a fault for the proxy that asked.
-    public init(outcome: Authorizer.Outcome, policy: PolicyConfiguration?, front: AccessRequest.Front) {
+    /// What an answer to a DPoP request adds (RFC 9449 §7.1, §9): the DPoP challenge with the
+    /// accepted algorithms, and the current server nonce when nonces are on.
+    public struct DPoPContext: Sendable {
+        public var algorithms: String
+        public var nonce: String?
+
+        public init(algorithms: String, nonce: String?) {
+            self.algorithms = algorithms
+            self.nonce = nonce
+        }
+    }
+
+    /// Renders a decision or a fault for the proxy that asked; `dpop` for a request that used
+    /// the DPoP scheme (or was refused for not using it).
+    public init(outcome: Authorizer.Outcome, policy: PolicyConfiguration?, front: AccessRequest.Front, dpop: DPoPContext? = nil) {
         droppedHeaders = []
         switch outcome {
         case .decision(.allow(let grant)):
@@ -32,13 +45,13 @@ public struct AuthzAnswer: Sendable {
             let rendered = UpstreamHeaders(grant: grant, policy: policy, front: front)
             headers = rendered.fields
             droppedHeaders = rendered.dropped
-            headers.add(name: "Cache-Control", value: grant.cacheSeconds > 0 ? "max-age=\(grant.cacheSeconds)" : "no-store")
+            headers.add(name: "Cache-Control", value: grant.cacheSeconds > 0 && grant.dpopKey == nil ? "max-age=\(grant.cacheSeconds)" : "no-store")
         case .decision(.deny(let denial)):
             status = denial.status
             body = Self.kongBody(code: denial.status, message: denial.message)
             headers = [
                 "Content-Type": "application/json",
-                "WWW-Authenticate": Self.wwwAuthenticate(denial, policy: policy),
+                "WWW-Authenticate": Self.wwwAuthenticate(denial, policy: policy, dpop: dpop),
                 Self.bodyHeader: body,
                 "Cache-Control": "no-store",
             ]
@@ -51,6 +64,9 @@ public struct AuthzAnswer: Sendable {
                 Self.bodyHeader: body,
                 "Cache-Control": "no-store",
             ]
+        }
+        if let nonce = dpop?.nonce {
+            headers.add(name: "DPoP-Nonce", value: nonce)
         }
         if front != .envoyGRPC {
             headers.add(name: "Content-Length", value: String(body.utf8.count))
@@ -68,9 +84,10 @@ public struct AuthzAnswer: Sendable {
         return out
     }
 
-    /// RFC 6750 §3: `Bearer realm="…"` with `error` and, for insufficient_scope, `scope`.
-    static func wwwAuthenticate(_ denial: Denial, policy: PolicyConfiguration?) -> String {
-        var value = "Bearer realm=\"\(realm)\""
+    /// RFC 6750 §3: `Bearer realm="…"` with `error` and, for insufficient_scope, `scope`; for a
+    /// DPoP request RFC 9449 §7.1's `DPoP realm="…"`, the same parameters and `algs`.
+    static func wwwAuthenticate(_ denial: Denial, policy: PolicyConfiguration?, dpop: DPoPContext? = nil) -> String {
+        var value = (dpop == nil ? "Bearer" : "DPoP") + " realm=\"\(realm)\""
         if let code = denial.errorCode {
             value += ", error=\"\(code.rawValue)\""
             // A claims miss names no scope: scopes would not help (DESIGN.md §9).
@@ -78,6 +95,7 @@ public struct AuthzAnswer: Sendable {
                 value += ", scope=\"\(scopes.joined(separator: " "))\""
             }
         }
+        if let dpop { value += ", algs=\"\(dpop.algorithms)\"" }
         return value
     }
 }
@@ -98,7 +116,8 @@ struct UpstreamHeaders {
     static let aud = HTTPField.Name("X-Credential-Aud")!
     static let iss = HTTPField.Name("X-Credential-Iss")!
     static let jti = HTTPField.Name("X-Credential-Jti")!
-    static let standardNames = [scope, clientID, username, tokenType, exp, iat, nbf, sub, aud, iss, jti]
+    static let jkt = HTTPField.Name("X-Credential-Jkt")!
+    static let standardNames = [scope, clientID, username, tokenType, exp, iat, nbf, sub, aud, iss, jti, jkt]
 
     var fields = HTTPHeaders()
     var dropped: [String] = []
@@ -114,7 +133,8 @@ struct UpstreamHeaders {
             add(0, info.scope)
             add(1, info.clientID ?? extraString("clientId") ?? extraString("azp"))
             add(2, info.username ?? extraString("preferred_username"))
-            add(3, info.tokenType ?? extraString("typ"))
+            // The scheme that was verified: DPoP when a proof was (RFC 9449 §7.1).
+            add(3, grant.dpopKey != nil ? "DPoP" : info.tokenType ?? extraString("typ"))
             add(4, info.exp.map { String($0) })
             add(5, info.iat.map { String($0) })
             add(6, info.nbf.map { String($0) })
@@ -122,6 +142,7 @@ struct UpstreamHeaders {
             add(8, info.aud.isEmpty ? nil : info.aud.count == 1 ? info.aud[0] : info.aud.joined(separator: ","))
             add(9, info.iss)
             add(10, info.jti)
+            add(11, grant.dpopKey)
             for (j, (claim, name)) in claims.enumerated() {
                 add(name, bit: Self.standardNames.count + j, info.claim(claim).map(Self.text))
             }

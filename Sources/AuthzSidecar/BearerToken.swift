@@ -5,9 +5,9 @@ public enum BearerToken: Equatable, Sendable {
     /// A Bearer header we cannot use; the text says why (for logs, never echoing the value).
     case malformed(String)
     case token(String)
-    /// `Authorization: DPoP …` (RFC 9449): a token that needs a proof. Never read as no token
-    /// (DESIGN.md §5.2).
-    case dpop
+    /// `Authorization: DPoP <token>` (RFC 9449): a token that needs a proof. Never read as no
+    /// token (DESIGN.md §5.2).
+    case dpop(String)
 
     /// The longest token accepted; longer ones are malformed.
     public static let maxLength = 8192
@@ -35,13 +35,17 @@ public enum BearerToken: Equatable, Sendable {
         let schemeStart = i
         while i != bytes.endIndex, bytes[i] != UInt8(ascii: " "), bytes[i] != UInt8(ascii: "\t") { i = bytes.index(after: i) }
         let scheme = bytes[schemeStart..<i]
-        guard scheme.count == 6, scheme.elementsEqual("bearer".utf8, by: { ($0 | 0x20) == $1 }) else {
-            if scheme.count == 4, scheme.elementsEqual("dpop".utf8, by: { ($0 | 0x20) == $1 }) { return .dpop }
+        let isDPoP: Bool
+        if scheme.count == 6, scheme.elementsEqual("bearer".utf8, by: { ($0 | 0x20) == $1 }) {
+            isDPoP = false
+        } else if scheme.count == 4, scheme.elementsEqual("dpop".utf8, by: { ($0 | 0x20) == $1 }) {
+            isDPoP = true
+        } else {
             return .missing
         }
         let separatorStart = i
         while i != bytes.endIndex, bytes[i] == UInt8(ascii: " ") || bytes[i] == UInt8(ascii: "\t") { i = bytes.index(after: i) }
-        guard i != separatorStart, i != bytes.endIndex else { return .malformed("Bearer without a token") }
+        guard i != separatorStart, i != bytes.endIndex else { return .malformed(isDPoP ? "DPoP without a token" : "Bearer without a token") }
         let tokenStart = i
         var sawPadding = false
         while i != bytes.endIndex {
@@ -56,19 +60,20 @@ public enum BearerToken: Equatable, Sendable {
                 // trailing whitespace is allowed; anything after it is a second token
                 let tokenEnd = i
                 while i != bytes.endIndex, bytes[i] == UInt8(ascii: " ") || bytes[i] == UInt8(ascii: "\t") { i = bytes.index(after: i) }
-                guard i == bytes.endIndex else { return .malformed("more than one token after Bearer") }
-                return token(bytes[tokenStart..<tokenEnd])
+                guard i == bytes.endIndex else { return .malformed("more than one token after the scheme") }
+                return token(bytes[tokenStart..<tokenEnd], dpop: isDPoP)
             default:
                 return .malformed("invalid character in the token")
             }
             i = bytes.index(after: i)
         }
-        return token(bytes[tokenStart..<i])
+        return token(bytes[tokenStart..<i], dpop: isDPoP)
     }
 
-    private static func token(_ bytes: Substring.UTF8View) -> BearerToken {
+    private static func token(_ bytes: Substring.UTF8View, dpop: Bool) -> BearerToken {
         guard bytes.first != UInt8(ascii: "=") else { return .malformed("token is only padding") }
         guard bytes.count <= maxLength else { return .malformed("token longer than \(maxLength) bytes") }
-        return .token(String(Substring(bytes)))
+        let text = String(Substring(bytes))
+        return dpop ? .dpop(text) : .token(text)
     }
 }

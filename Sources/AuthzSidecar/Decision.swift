@@ -13,10 +13,13 @@ public struct Grant: Sendable, Equatable {
     public var token: TokenInfo?
     /// Seconds the proxy may cache this answer (0 = not at all).
     public var cacheSeconds: Int64
+    /// The DPoP proof key's thumbprint, when the token was presented with a valid proof.
+    public var dpopKey: String?
 
-    public init(token: TokenInfo?, cacheSeconds: Int64 = 0) {
+    public init(token: TokenInfo?, cacheSeconds: Int64 = 0, dpopKey: String? = nil) {
         self.token = token
         self.cacheSeconds = cacheSeconds
+        self.dpopKey = dpopKey
     }
 }
 
@@ -30,8 +33,16 @@ public enum DenialReason: String, Sendable, CaseIterable {
     case missingOriginalURI = "missing_original_uri"
     case noToken = "no_token"
     case malformedToken = "malformed_token"
-    /// `Authorization: DPoP …`: never "no token"; refused until DPoP proofs are verified.
+    /// `Authorization: DPoP …` under `dpop: disabled`: never "no token", never accepted.
     case dpopUnsupported = "dpop_unsupported"
+    /// The DPoP proof is missing, repeated, malformed, or does not fit the request (RFC 9449 §4.3).
+    case dpopProof = "dpop_proof"
+    /// A server nonce is required and the proof has none, or a stale one.
+    case dpopNonce = "dpop_nonce"
+    /// A Bearer token on a `dpop: required` policy.
+    case dpopRequired = "dpop_required"
+    /// `Authorization: DPoP` with a token that is not bound to a key (no `cnf.jkt`).
+    case dpopUnbound = "dpop_unbound"
     case requestTooLarge = "request_too_large"
     case inactive
     /// A JWT refused by local validation (form, algorithm, key, type, signature, issuer, claims).
@@ -62,6 +73,9 @@ public struct Denial: Sendable, Equatable {
         case invalidRequest = "invalid_request"
         case invalidToken = "invalid_token"
         case insufficientScope = "insufficient_scope"
+        /// RFC 9449 §7.1.
+        case invalidDPoPProof = "invalid_dpop_proof"
+        case useDPoPNonce = "use_dpop_nonce"
     }
 
     public var reason: DenialReason
@@ -84,7 +98,9 @@ public struct Denial: Sendable, Equatable {
     /// The RFC 6750 error code; none when no bearer token was sent (§3.1) or no policy matched.
     public var errorCode: ErrorCode? {
         switch reason {
-        case .noToken, .noPolicy, .ambiguousPath, .missingOriginalURI: return nil
+        case .noToken, .noPolicy, .ambiguousPath, .missingOriginalURI, .dpopRequired: return nil
+        case .dpopProof: return .invalidDPoPProof
+        case .dpopNonce: return .useDPoPNonce
         case .malformedToken, .requestTooLarge, .dpopUnsupported: return .invalidRequest
         case .insufficientScope, .claims: return .insufficientScope
         default: return .invalidToken

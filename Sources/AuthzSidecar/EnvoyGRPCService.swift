@@ -53,7 +53,7 @@ public struct EnvoyGRPCService: Envoy_Service_Auth_V3_Authorization.SimpleServic
         }
         let certificate = request.attributes.source.certificate
         let fromRoute = request.attributes.contextExtensions["policy"]
-        return AccessRequest(
+        var question = AccessRequest(
             front: .envoyGRPC,
             method: http.method.uppercased(),
             path: http.path.isEmpty ? "/" : http.path,
@@ -63,6 +63,8 @@ public struct EnvoyGRPCService: Envoy_Service_Auth_V3_Authorization.SimpleServic
             policyHint: fromRoute ?? (trustPolicyHeader ? headers[.authzPolicy] : nil),
             headerBytes: bytes
         )
+        question.scheme = http.scheme.isEmpty ? nil : http.scheme.lowercased()
+        return question
     }
 
     /// OK → `OkHttpResponse` (headers overwrite, `headers_to_remove`); deny →
@@ -78,6 +80,8 @@ public struct EnvoyGRPCService: Envoy_Service_Auth_V3_Authorization.SimpleServic
                     ok.headersToRemove = value.split(separator: ",").map(String.init)
                 case "cache-control":
                     continue  // about the answer, not the upstream request
+                case "dpop-nonce":
+                    ok.responseHeadersToAdd.append(option(name, value))  // for the client (RFC 9449 §9)
                 default:
                     ok.headers.append(option(name, value))
                 }

@@ -51,6 +51,14 @@ public struct PolicyConfiguration: Sendable, Equatable {
     public var issuers: [String]
     /// Claims the token must carry (DESIGN.md §9), each one of its values.
     public var requiredClaims: [RequiredClaim]
+    /// DESIGN.md §10.
+    public var dpop: DPoPMode
+    public var dpopMaxAgeSeconds: Int64
+    public var dpopIatLeewaySeconds: Int64
+    public var dpopNonce: Bool
+    /// `scheme://host[:port]`: the URL a proof's `htu` must name is built from it; nil: from the
+    /// proxy's `X-Forwarded-Proto` and the original host.
+    public var publicBaseURL: String?
 
     public init(
         name: String,
@@ -70,7 +78,12 @@ public struct PolicyConfiguration: Sendable, Equatable {
         clockSkewSeconds: Int64 = 0,
         proxyCacheSeconds: Int64 = 0,
         issuers: [String] = [],
-        requiredClaims: [RequiredClaim] = []
+        requiredClaims: [RequiredClaim] = [],
+        dpop: DPoPMode = .allowed,
+        dpopMaxAgeSeconds: Int64 = 60,
+        dpopIatLeewaySeconds: Int64 = 5,
+        dpopNonce: Bool = false,
+        publicBaseURL: String? = nil
     ) {
         self.name = name
         self.pathPrefix = pathPrefix
@@ -91,6 +104,11 @@ public struct PolicyConfiguration: Sendable, Equatable {
         self.proxyCacheSeconds = proxyCacheSeconds
         self.issuers = issuers
         self.requiredClaims = requiredClaims
+        self.dpop = dpop
+        self.dpopMaxAgeSeconds = dpopMaxAgeSeconds
+        self.dpopIatLeewaySeconds = dpopIatLeewaySeconds
+        self.dpopNonce = dpopNonce
+        self.publicBaseURL = publicBaseURL
     }
 
     static func headers(for claims: [String]) -> [(String, HTTPField.Name)] {

@@ -31,16 +31,18 @@ public final class PolicyEvaluation: Sendable {
     }
 
     /// Decides for a token as its issuer validated it (introspection or a verified JWT).
-    func decide(token info: TokenInfo, request: AccessRequest, now: Double, issuer: Issuer) -> Decision {
-        decide(token: info, request: request, now: now, expectedIssuer: issuer.expectedIssuer, issuerAudiences: issuer.audiences)
+    /// `dpopKey`: the thumbprint of the key of a verified DPoP proof, when the token came with the
+    /// DPoP scheme.
+    func decide(token info: TokenInfo, request: AccessRequest, now: Double, issuer: Issuer, dpopKey: String? = nil) -> Decision {
+        decide(token: info, request: request, now: now, expectedIssuer: issuer.expectedIssuer, issuerAudiences: issuer.audiences, dpopKey: dpopKey)
     }
 
     /// Decides for an introspected token.
-    public func decide(token info: TokenInfo, request: AccessRequest, now: Double) -> Decision {
-        decide(token: info, request: request, now: now, expectedIssuer: expectedIssuer, issuerAudiences: [])
+    public func decide(token info: TokenInfo, request: AccessRequest, now: Double, dpopKey: String? = nil) -> Decision {
+        decide(token: info, request: request, now: now, expectedIssuer: expectedIssuer, issuerAudiences: [], dpopKey: dpopKey)
     }
 
-    private func decide(token info: TokenInfo, request: AccessRequest, now: Double, expectedIssuer: String?, issuerAudiences: [String]) -> Decision {
+    private func decide(token info: TokenInfo, request: AccessRequest, now: Double, expectedIssuer: String?, issuerAudiences: [String], dpopKey: String?) -> Decision {
         // 4. active, time window, issuer, audience
         guard info.active else {
             if let rejection = info.rejection { return .deny(Denial(.jwtInvalid, detail: rejection)) }
@@ -62,9 +64,17 @@ public final class PolicyEvaluation: Sendable {
             return .deny(Denial(.tokenKind, detail: "token_type/typ \"\(kind.prefix(32))\" is not an access token"))
         }
 
-        // 5. a binding is never ignored: one the sidecar cannot check refuses the token
-        if info.jwkThumbprint != nil {
-            return .deny(Denial(.unsupportedBinding, detail: "token is DPoP-bound (cnf.jkt) but came without a DPoP proof"))
+        // 5. a binding is never ignored: a DPoP key binding needs the proof by that key (RFC 9449
+        // §7.1), and one the sidecar cannot check refuses the token
+        if let jkt = info.jwkThumbprint {
+            guard let dpopKey else {
+                return .deny(Denial(.unsupportedBinding, detail: "token is DPoP-bound (cnf.jkt) but came as Bearer, without a DPoP proof"))
+            }
+            guard jkt == dpopKey else {
+                return .deny(Denial(.bindingMismatch, detail: "the DPoP proof's key \(dpopKey) is not the one the token is bound to"))
+            }
+        } else if dpopKey != nil {
+            return .deny(Denial(.dpopUnbound, detail: "Authorization: DPoP with a token that is not bound to a key (no cnf.jkt)"))
         }
         if let other = info.otherConfirmation {
             return .deny(Denial(.unsupportedBinding, detail: "token has a cnf member the sidecar cannot check: \(other.prefix(32))"))
@@ -84,7 +94,7 @@ public final class PolicyEvaluation: Sendable {
             guard thumbprint.matches(x5tS256: bound) else {
                 return .deny(Denial(.bindingMismatch, detail: "certificate \(thumbprint.base64URL) is not the one the token is bound to"))
             }
-        } else if policy.requireBoundToken {
+        } else if policy.requireBoundToken, info.jwkThumbprint == nil {
             return .deny(Denial(.unboundToken))
         }
 
@@ -103,12 +113,13 @@ public final class PolicyEvaluation: Sendable {
         }
 
         // 7. allow; a proxy may cache it no longer than the token lives
+        // A proof is good once: an answer to a DPoP request is never cached by the proxy.
         var cacheSeconds: Int64 = 0
-        if policy.proxyCacheSeconds > 0 {
+        if policy.proxyCacheSeconds > 0, dpopKey == nil {
             let remaining = info.exp.map { $0 - Int64(now.rounded(.up)) } ?? policy.proxyCacheSeconds
             cacheSeconds = max(0, min(policy.proxyCacheSeconds, remaining))
         }
-        return .allow(Grant(token: info, cacheSeconds: cacheSeconds))
+        return .allow(Grant(token: info, cacheSeconds: cacheSeconds, dpopKey: dpopKey))
     }
 
     /// The certificate from the one source the policy names: its header, or else (gRPC) the peer

@@ -45,6 +45,8 @@ public struct Sidecar: Sendable {
     private let clock: any EpochClock
     private let logger: Logger
     private let metricsFactory: any MetricsFactory
+    /// DPoP replay memory and nonces: one for the life of the process, across reloads.
+    private let dpop: DPoPVerifier
 
     /// Wires a configuration to an introspector for the issuer `default` (the HTTP one in
     /// production, a closure in tests) and to the backends of the issuers of `issuers:`, by name.
@@ -68,8 +70,10 @@ public struct Sidecar: Sendable {
         let issuers = configuration.allIssuers.map { issuer in
             Issuer.make(issuer, backends: backends[issuer.name] ?? IssuerBackends(), cache: configuration.cache, reachability: reachability, clock: clock, logger: logger, metrics: factory)
         }
+        let dpop = DPoPVerifier(server: configuration.server)
+        self.dpop = dpop
         let slot = AuthorizerSlot(.init(
-            authorizer: Authorizer(configuration: configuration, issuers: issuers, clock: clock, logger: logger, metrics: factory),
+            authorizer: Authorizer(configuration: configuration, issuers: issuers, dpop: dpop, clock: clock, logger: logger, metrics: factory),
             backends: backends
         ))
         let admin = AdminEndpoints(slot: slot, reachability: reachability, registry: registry)
@@ -143,7 +147,7 @@ public struct Sidecar: Sendable {
                 reachability: reachability, clock: clock, logger: logger, metrics: metricsFactory
             )
         }
-        let authorizer = Authorizer(configuration: configuration, issuers: issuers, clock: clock, logger: logger, metrics: metricsFactory)
+        let authorizer = Authorizer(configuration: configuration, issuers: issuers, dpop: dpop, clock: clock, logger: logger, metrics: metricsFactory)
         slot.replace(with: .init(authorizer: authorizer, backends: backends))
         // Requests still on the old generation must not be decided on answers a dropped cache
         // holds or is still fetching: a dropped cache is a purge (DESIGN.md §4).

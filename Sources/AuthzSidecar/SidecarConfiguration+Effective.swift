@@ -20,6 +20,10 @@ extension SidecarConfiguration {
         line(2, "max_header_bytes", "\(server.maxHeaderBytes)")
         line(2, "idle_timeout_seconds", "\(server.idleTimeoutSeconds)")
         line(2, "admin_token_file", quoted(server.adminTokenFile))
+        line(2, "dpop_algorithms", list(server.dpopAlgorithms.map(\.rawValue)))
+        line(2, "dpop_replay_entries", "\(server.dpopReplayEntries)")
+        line(2, "dpop_nonce_seconds", "\(server.dpopNonceSeconds)")
+        line(2, "dpop_nonce_key_file", quoted(server.dpopNonceKeyFile))
         if let introspection {
             out += "introspection:\n"
             writeIntrospection(introspection, indent: 2, into: &out)
@@ -80,6 +84,11 @@ extension SidecarConfiguration {
             line(4, "clock_skew_seconds", "\(policy.clockSkewSeconds)")
             line(4, "proxy_cache_seconds", "\(policy.proxyCacheSeconds)")
             line(4, "issuers", list(policy.issuers))
+            line(4, "dpop", policy.dpop.rawValue)
+            line(4, "dpop_max_age_seconds", "\(policy.dpopMaxAgeSeconds)")
+            line(4, "dpop_iat_leeway_seconds", "\(policy.dpopIatLeewaySeconds)")
+            line(4, "dpop_nonce", "\(policy.dpopNonce)")
+            line(4, "public_base_url", quoted(policy.publicBaseURL))
             if policy.requiredClaims.isEmpty {
                 line(4, "required_claims", "{}")
             } else {

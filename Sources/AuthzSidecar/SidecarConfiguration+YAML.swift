@@ -226,6 +226,33 @@ extension SidecarConfiguration {
                 problems.add(reader.key("admin_token_file"), "cannot read the file it names")
             }
         }
+        if reader.node("dpop_algorithms") != nil {
+            var algorithms: [JWSAlgorithm] = []
+            for (i, name) in reader.stringList("dpop_algorithms").enumerated() {
+                if let algorithm = JWSAlgorithm(rawValue: name) {
+                    algorithms.append(algorithm)
+                } else {
+                    problems.add("\(reader.key("dpop_algorithms"))[\(i)]", JWSAlgorithm.isForbidden(name) ? "none and HS* are never accepted" : "must be one of \(JWSAlgorithm.allCases.map(\.rawValue).joined(separator: " | "))")
+                }
+            }
+            if algorithms.isEmpty { problems.add(reader.key("dpop_algorithms"), "must name at least one algorithm") }
+            server.dpopAlgorithms = algorithms
+        }
+        server.dpopReplayEntries = reader.int("dpop_replay_entries", default: 100_000, range: 1...50_000_000)
+        server.dpopNonceSeconds = reader.int("dpop_nonce_seconds", default: 60, range: 1...86_400)
+        if let file = reader.string("dpop_nonce_key_file") {
+            server.dpopNonceKeyFile = file
+            if let data = FileManager.default.contents(atPath: file) {
+                let text = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+                if text.utf8.count < 32 {
+                    problems.add(reader.key("dpop_nonce_key_file"), "the key must be at least 32 bytes")
+                } else {
+                    server.dpopNonceKey = Secret(text)
+                }
+            } else {
+                problems.add(reader.key("dpop_nonce_key_file"), "cannot read the file it names")
+            }
+        }
         reader.reportUnknownKeys()
         return server
     }
@@ -434,6 +461,17 @@ extension SidecarConfiguration {
         policy.proxyCacheSeconds = Int64(reader.int("proxy_cache_seconds", default: 0, range: 0...3_600))
         policy.issuers = reader.stringList("issuers")
         policy.requiredClaims = readRequiredClaims(reader.mapping("required_claims"))
+        policy.dpop = reader.choice("dpop", default: .allowed)
+        policy.dpopMaxAgeSeconds = Int64(reader.int("dpop_max_age_seconds", default: 60, range: 1...3_600))
+        policy.dpopIatLeewaySeconds = Int64(reader.int("dpop_iat_leeway_seconds", default: 5, range: 0...300))
+        policy.dpopNonce = reader.bool("dpop_nonce", default: false)
+        if let base = reader.string("public_base_url") {
+            if let origin = DPoPURL.origin(base) {
+                policy.publicBaseURL = origin
+            } else {
+                reader.problems.add(reader.key("public_base_url"), "must be scheme://host[:port] (http or https), with no path, query or fragment")
+            }
+        }
         reader.reportUnknownKeys()
         return policy
     }

@@ -1,3 +1,4 @@
+import JOSE
 import JWTValidation
 import Introspection
 
@@ -48,6 +49,13 @@ public struct ServerConfiguration: Sendable, Equatable {
     /// is served only on a loopback or unix listener (DESIGN.md §4).
     public var adminTokenFile: String?
     public var adminToken: Secret?
+    /// DESIGN.md §10: proof algorithms, the replay memory's bound, how long a nonce is good,
+    /// and the nonce key (from `dpop_nonce_key_file`; nil: random per process).
+    public var dpopAlgorithms: [JWSAlgorithm] = DPoPVerifier.defaultAlgorithms
+    public var dpopReplayEntries: Int = 100_000
+    public var dpopNonceSeconds: Int = 60
+    public var dpopNonceKeyFile: String?
+    public var dpopNonceKey: Secret?
 
     public init(
         listen: ListenAddress = .tcp(host: "127.0.0.1", port: 9191),

@@ -147,7 +147,7 @@ struct EdgeTests {
         try await Self.withSidecar { client, logs in
             let dpop = try RawConnection.exchange(port: client.port, Self.nginx("/public/x", extra: "Authorization: DPoP api\r\n"))
             #expect(dpop.status == 401)
-            #expect(logs.all.contains("dpop_unsupported"))
+            #expect(logs.all.contains("dpop_proof"))  // no proof: refused, never anonymous
             let lower = try RawConnection.exchange(port: client.port, Self.nginx("/public/x", extra: "Authorization: dpop api\r\n"))
             #expect(lower.status == 401)
             let basic = try RawConnection.exchange(port: client.port, Self.nginx("/public/x", extra: "Authorization: Basic dTpw\r\n"))

@@ -25,11 +25,13 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     switch parsed {
     case .missing:
         check(!isBearer && !isDPoP && !tooLong, "a Bearer, DPoP (or overlong) header read as missing")
-    case .dpop:
+    case .dpop(let token):
         check(isDPoP && !tooLong, "a header whose scheme is not DPoP read as DPoP")
+        checkToken(token, in: value)
+        check(BearerToken.parse("DPoP " + token) == .dpop(token), "canonical DPoP header does not round-trip")
     case .malformed(let why):
         check(!why.isEmpty, "malformed without a reason")
-        check(isBearer || tooLong, "a non-Bearer header read as malformed")
+        check(isBearer || isDPoP || tooLong, "a header whose scheme is neither Bearer nor DPoP read as malformed")
     case .token(let token):
         check(isBearer && !tooLong, "token from an overlong header or one whose scheme is not Bearer")
         checkToken(token, in: value)

@@ -1,5 +1,5 @@
 // Fuzzes the JOSE parsers that read attacker-controlled bytes: a compact JWS (a JWT access
-// token, later a DPoP proof), a key set and a single key (what an issuer, or a proof's header,
+// token, a DPoP proof), a key set and a single key (what an issuer, or a proof's header,
 // publishes), base64url, and the unverified-issuer peek that routes tokens. The first byte
 // chooses the parser; the rest is its input.
 import Introspection
@@ -9,10 +9,11 @@ import JOSE
 public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     guard size > 0 else { return 0 }
     let bytes = Array(UnsafeBufferPointer(start: data + 1, count: size - 1))
-    switch data[0] % 4 {
+    switch data[0] % 5 {
     case 0: fuzzJWS(bytes)
     case 1: fuzzKeySet(bytes)
     case 2: fuzzKey(bytes)
+    case 3: fuzzProof(bytes)
     default: fuzzBase64(bytes)
     }
     return 0
@@ -73,6 +74,20 @@ func checkKey(_ key: JSONWebKey) {
             check(!key.isValidSignature([UInt8](repeating: 1, count: signatureLength), for: message, algorithm: algorithm), "an unfit key verified")
         }
     }
+}
+
+/// A DPoP proof (RFC 9449): whatever parses was signed by the key it carries, has no private
+/// member, and holds claims of the right types.
+func fuzzProof(_ bytes: [UInt8]) {
+    let text = String(decoding: bytes, as: UTF8.self)
+    guard let proof = try? DPoPProof(text[...], algorithms: JWSAlgorithm.allCases) else { return }
+    check(text.utf8.count <= DPoPProof.maxLength, "an overlong proof was accepted")
+    check(!proof.jti.isEmpty && proof.jti.utf8.count <= DPoPProof.maxJTILength, "jti bounds")
+    check(proof.key.fits(proof.algorithm), "the proof's key does not fit its alg")
+    checkKey(proof.key)
+    // Parsing is deterministic: the same text gives the same key and claims.
+    let again = try? DPoPProof(text[...], algorithms: JWSAlgorithm.allCases)
+    check(again?.key.thumbprint == proof.key.thumbprint && again?.jti == proof.jti, "parse is not deterministic")
 }
 
 func fuzzBase64(_ bytes: [UInt8]) {
