@@ -13,6 +13,11 @@
 # JWTs (RFC 9068); the sidecar is restarted with an `issuers:` entry (validation: jwt) that takes
 # the keys from Glewlwyd's discovery document and JWKS, and no introspection at all.
 #
+# Last, DPoP (RFC 9449): Glewlwyd is switched to DPoP mode (scripts/idp-glewlwyd.sh --dpop) and a
+# real DPoP client, requests-oauth2client (scripts/dpop_client.py; pip-installed into python3 or
+# <repo>/.venv when missing), gets a token bound to its key and calls the API with a fresh proof
+# per request; the same token replayed by another client, without the key, is refused.
+#
 # Usage: scripts/demo.sh            (as root, from anywhere)
 # Environment:
 #   AUTHZ_SIDECAR_BIN   use this binary instead of building one
@@ -271,6 +276,99 @@ section "Stopping the authorization server again"
 bash "$REPO/scripts/idp-glewlwyd.sh" --stop "$WORK/idp"
 IDP_STARTED=no
 scenario "JWT: authorization server down, a JWT never seen before -> 200 (keys already fetched)" 200 client1 "$JWT_SPARE" /token-mtls/resource
+
+# ------------------------------------------------------------------------------ 10. DPoP
+section "10. DPoP (RFC 9449): a token bound to a key the client proves it holds"
+echo "No client certificate is needed for this: the token's cnf.jkt names the client's key, and every"
+echo "request carries a new proof signed by it (DPoP header: method, URL, time, token hash, unique id)."
+dpop_python() {  # a python3 that imports requests-oauth2client 1.8 (scripts/dpop_client.py); prints its path
+  local imports='import requests_oauth2client' venv="$REPO/.venv"
+  if python3 -c "$imports" 2>/dev/null; then command -v python3; return 0; fi
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "$imports" 2>/dev/null; then echo "$venv/bin/python"; return 0; fi
+  echo "installing requests-oauth2client 1.8 (PyPI)" >&2
+  if python3 -m pip install -q 'requests-oauth2client==1.8.*' >&2 2>/dev/null && python3 -c "$imports" 2>/dev/null; then
+    command -v python3; return 0
+  fi
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv" >&2 2>/dev/null \
+    || { ensure_packages python3-venv >&2 && python3 -m venv "$venv" >&2; } || return 1
+  "$venv/bin/python" -m pip install -q 'requests-oauth2client==1.8.*' >&2 || return 1
+  echo "$venv/bin/python"
+}
+DPOP_PY=$(dpop_python) || die "cannot install requests-oauth2client (pip install 'requests-oauth2client==1.8.*')"
+bash "$REPO/scripts/idp-glewlwyd.sh" --start "$WORK/idp"
+IDP_STARTED=yes
+bash "$REPO/scripts/idp-glewlwyd.sh" --dpop "$WORK/idp" on
+# shellcheck disable=SC1091
+. "$WORK/idp/idp.env"
+
+echo "restarting the sidecar with a policy that requires DPoP (same port, same nginx configuration):"
+stop_pid "$NGINX_PID" nginx
+NGINX_PID=""
+stop_pid "$SIDECAR_PID" authz-sidecar
+SIDECAR_PID=""
+cat > "$WORK/sidecar-dpop.yaml" <<YAML
+server:
+  listen: 127.0.0.1:$SIDECAR_PORT
+cache:
+  ttl_seconds: 30
+  negative_ttl_seconds: 5
+issuers:
+  - name: glewlwyd
+    issuer: $IDP_ISSUER
+    validation: jwt
+    audiences: [system-access]
+    ca_file: $IDP_CA
+policies:
+  - name: dpop-api
+    match: { path_prefix: /dpop-api/ }
+    required_scopes: [system-access]
+    # Authorization: DPoP <token> + a valid proof only; a Bearer token is refused. The proof's htu
+    # is checked against X-Forwarded-Proto://X-Original-Host + the path, which nginx sends.
+    dpop: required
+  - name: token-mtls
+    match: { path_prefix: /token-mtls/ }
+    required_scopes: [system-access]
+    certificate_header: X-Client-Cert
+    certificate_format: auto
+YAML
+cat "$WORK/sidecar-dpop.yaml"
+start_sidecar "$WORK/sidecar-dpop.yaml"
+start_nginx
+echo "nginx PID $NGINX_PID"
+
+echo
+echo "\$ python3 scripts/dpop_client.py token --idp-env idp.env --save dpop-state.json"
+"$DPOP_PY" "$REPO/scripts/dpop_client.py" token --idp-env "$WORK/idp/idp.env" --save "$WORK/dpop-state.json" \
+  > "$WORK/dpop-token.txt" || { cat "$WORK/dpop-token.txt"; die "no DPoP token from $IDP_TOKEN_URL"; }
+grep -E '^(token_type|jkt|jwt cnf|introspection):' "$WORK/dpop-token.txt" | sed 's/^/  /'
+
+DPOP_URL="https://localhost:$NGINX_PORT/dpop-api/resource"
+# dpop_scenario TITLE EXPECTED_STATUS CERT [dpop_client.py call options...]
+dpop_scenario() {
+  local title="$1" want="$2" cert="$3" out statuses before after
+  shift 3
+  N=$((N + 1))
+  section "Scenario $N: $title"
+  echo "\$ python3 scripts/dpop_client.py call $DPOP_URL --state dpop-state.json --cacert ca.crt --cert $cert.crt --key $cert.key $*"
+  before=$(wc -l < "$WORK/upstream.jsonl")
+  out=$("$DPOP_PY" "$REPO/scripts/dpop_client.py" call "$DPOP_URL" --state "$WORK/dpop-state.json" \
+        --cacert "$C/ca.crt" --cert "$C/$cert.crt" --key "$C/$cert.key" "$@" 2>&1) || true
+  after=$(wc -l < "$WORK/upstream.jsonl")
+  grep -iE '^(--- request|HTTP [0-9]|www-authenticate:|dpop-nonce:|\(proof sent|\(no DPoP|\(answered)' <<<"$out" \
+    | sed 's/^/  /' || true
+  if [ "$after" -gt "$before" ]; then
+    echo "X-Credential-* headers the upstream saw (last request):"
+    tail -n 1 "$WORK/upstream.jsonl" | jq -r '.raw_headers[] | select(.[0] | test("^x-credential-(token-type|jkt|client-id|scope)$"; "i")) | "  \(.[0]): \(.[1])"'
+  else
+    echo "(the upstream was not called)"
+  fi
+  statuses=$(grep -oE '^HTTP [0-9]+' <<<"$out" | awk '{print $2}' | sort -u | tr '\n' ' ' | sed 's/ $//')
+  if [ "$statuses" = "$want" ]; then echo "-> $statuses as expected"; else echo "-> UNEXPECTED: got '$statuses', wanted $want"; FAILS=$((FAILS + 1)); fi
+}
+dpop_scenario "DPoP: the client with its key, a new proof per request (2 requests) -> 200" 200 client1 --count 2 --show-proof
+dpop_scenario "DPoP: the token stolen and replayed from client2 with the thief's own key -> 401" 401 client2 --steal other-key
+dpop_scenario "DPoP: the stolen token replayed without a proof -> 401" 401 client2 --steal no-proof
+dpop_scenario "DPoP: the stolen token replayed as a Bearer token -> 401" 401 client2 --steal bearer
 
 section "Summary"
 if [ "$FAILS" -eq 0 ]; then

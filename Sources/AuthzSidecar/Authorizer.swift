@@ -81,6 +81,9 @@ public final class Authorizer: Sendable {
         case .introspect(let evaluation, let issuer, let token, let digest, let proof):
             // A hit, or a JWT verified here and now with keys in hand.
             guard let found = issuer.cache.lookupWithoutSuspending(token: token, digest: digest) else { return nil }
+            if let replayed = consume(proof, policy: evaluation.policy, digest: digest, request: request, started: started) {
+                return render(replayed, policy: evaluation.policy, front: request.front, dpop: proof?.context)
+            }
             let decision = evaluation.decide(token: found.info, request: request, now: clock.now(), issuer: issuer, dpopKey: proof?.key)
             let outcome = Outcome.decision(decision)
             record(outcome, policy: evaluation.policy, digest: digest, request: request, started: started)
@@ -108,6 +111,9 @@ public final class Authorizer: Sendable {
         case .decided(let outcome, let policy, let dpopContext):
             return (outcome, policy, dpopContext)
         case .introspect(let evaluation, let issuer, let token, let digest, let proof):
+            if let replayed = consume(proof, policy: evaluation.policy, digest: digest, request: request, started: started) {
+                return (replayed, evaluation.policy, proof?.context)
+            }
             // 3. validation through the issuer's cache: introspection, or the JWT verified locally
             let outcome: Outcome
             do {
@@ -122,10 +128,20 @@ public final class Authorizer: Sendable {
         }
     }
 
-    /// A verified DPoP proof: its key's thumbprint, and what the answer adds.
+    /// A verified DPoP proof (not yet consumed), and what the answer adds.
     struct VerifiedProof {
-        var key: String
+        var proof: DPoPVerifier.Verified
         var context: AuthzAnswer.DPoPContext
+        var key: String { proof.thumbprint }
+    }
+
+    /// The replay check, made once per request at the point where it is decided: a replayed
+    /// proof is refused (and never costs an AS call).
+    private func consume(_ proof: VerifiedProof?, policy: PolicyConfiguration, digest: TokenDigest, request: AccessRequest, started: Double) -> Outcome? {
+        guard let proof, !dpop.consume(proof.proof, uptime: clock.uptime()) else { return nil }
+        let outcome = Outcome.decision(.deny(Denial(.dpopProof, detail: "the proof (jti) was used before")))
+        record(outcome, policy: policy, digest: digest, request: request, started: started)
+        return outcome
     }
 
     /// Steps 1–2, which need no I/O: either a decision already, or the token to introspect.
@@ -174,12 +190,12 @@ public final class Authorizer: Sendable {
             let verified = dpop.verify(
                 proofs: request.headers[canonicalForm: "DPoP"].map(String.init), token: token, method: request.method,
                 expectedURL: expectedURL(of: request, policy: policy), maxAgeSeconds: policy.dpopMaxAgeSeconds,
-                leewaySeconds: policy.dpopIatLeewaySeconds, requireNonce: policy.dpopNonce, now: now, uptime: clock.uptime()
+                leewaySeconds: policy.dpopIatLeewaySeconds, requireNonce: policy.dpopNonce, now: now
             )
-            let key: String
+            let accepted: DPoPVerifier.Verified
             switch verified {
-            case .success(let thumbprint):
-                key = thumbprint
+            case .success(let proof):
+                accepted = proof
             case .failure(.proof(let why)):
                 let outcome = Outcome.decision(.deny(Denial(.dpopProof, detail: why)))
                 record(outcome, policy: policy, digest: digest, request: request, started: started)
@@ -195,7 +211,7 @@ public final class Authorizer: Sendable {
                 record(outcome, policy: policy, digest: digest, request: request, started: started)
                 return .decided(outcome, policy, context)
             }
-            return .introspect(evaluation, issuer, token: token, digest: digest, proof: VerifiedProof(key: key, context: context))
+            return .introspect(evaluation, issuer, token: token, digest: digest, proof: VerifiedProof(proof: accepted, context: context))
         case .token(let token):
             if policy.dpop == .required {
                 let now = clock.now()
@@ -216,10 +232,13 @@ public final class Authorizer: Sendable {
     /// The URL a DPoP proof's `htu` must name (RFC 9449 §4.3): `public_base_url`, else the
     /// scheme the proxy reports (gRPC attributes, `X-Forwarded-Proto`, else https) and the
     /// original host; then the original path (query and fragment are not compared).
-    func expectedURL(of request: AccessRequest, policy: PolicyConfiguration) -> String {
+    /// nil when the host the proxy reports is not a valid `host[:port]` (or the scheme not
+    /// http(s)): then no proof can match.
+    func expectedURL(of request: AccessRequest, policy: PolicyConfiguration) -> String? {
         let path = request.path.prefix { $0 != "?" && $0 != "#" }
         if let base = policy.publicBaseURL { return base + path }
         let scheme = request.scheme ?? request.headers.first(name: "X-Forwarded-Proto").map { $0.lowercased() } ?? "https"
+        guard scheme == "https" || scheme == "http", DPoPURL.hostAndPort(Substring(request.host), scheme: scheme) != nil else { return nil }
         return scheme + "://" + request.host + path
     }
 

@@ -54,12 +54,21 @@ public final class DPoPVerifier: Sendable {
         )
     }
 
-    /// Verifies the request's one `DPoP` header for `token`; returns the proof key's RFC 7638
-    /// thumbprint (which the token's `cnf.jkt` must equal).
+    /// A proof that passed every check but the replay check, which `consume` makes.
+    public struct Verified: Sendable {
+        /// RFC 7638 thumbprint of the proof's key (which the token's `cnf.jkt` must equal).
+        public var thumbprint: String
+        var replayKey: String
+        var windowSeconds: Double
+    }
+
+    /// Verifies the request's one `DPoP` header for `token` (RFC 9449 §4.3), all but the replay
+    /// check: the caller `consume`s the proof once it decides on it, so that a request asked
+    /// twice (without suspending, then with) does not replay its own proof.
     public func verify(
-        proofs: [String], token: String, method: String, expectedURL: String,
-        maxAgeSeconds: Int64, leewaySeconds: Int64, requireNonce: Bool, now: Double, uptime: Double
-    ) -> Result<String, Failure> {
+        proofs: [String], token: String, method: String, expectedURL: String?,
+        maxAgeSeconds: Int64, leewaySeconds: Int64, requireNonce: Bool, now: Double
+    ) -> Result<Verified, Failure> {
         guard proofs.count == 1, let text = proofs.first else {
             return .failure(.proof(proofs.isEmpty ? "no DPoP header" : "\(proofs.count) DPoP headers"))
         }
@@ -70,7 +79,10 @@ public final class DPoPVerifier: Sendable {
             return .failure(.proof(error.description))
         }
         guard proof.htm == method else { return .failure(.proof("htm \(proof.htm.prefix(16)) is not the request's method \(method)")) }
-        guard let htu = DPoPURL.normalized(proof.htu), let expected = DPoPURL.normalized(expectedURL), htu == expected else {
+        guard let expectedURL, let expected = DPoPURL.normalized(expectedURL) else {
+            return .failure(.proof("the request's URL cannot be built: the original host or scheme is not valid"))
+        }
+        guard let htu = DPoPURL.normalized(proof.htu), htu == expected else {
             return .failure(.proof("htu \(proof.htu.prefix(200)) is not the request's URL \(expectedURL.prefix(200))"))
         }
         let seconds = Int64(now.rounded(.down))
@@ -83,17 +95,19 @@ public final class DPoPVerifier: Sendable {
             guard let nonce = proof.nonce else { return .failure(.nonce("the proof has no nonce")) }
             guard isValid(nonce: nonce, now: now) else { return .failure(.nonce("the nonce is unknown or stale")) }
         }
-        // Replay: the pair (key, jti) once within the window in which the proof is acceptable.
-        let key = proof.key.thumbprint + "." + proof.jti
-        let shard = replay[Int(UInt(bitPattern: key.hashValue) % UInt(replay.count))]
-        let until = uptime + Double(maxAgeSeconds + leewaySeconds) + 1
-        let replayed: Bool = shard.withLockedValue { cache in
-            if case .fresh = cache.lookup(key, now: uptime) { return true }
-            _ = cache.insert(key, value: true, freshUntil: until, staleUntil: until, now: uptime)
-            return false
+        return .success(Verified(thumbprint: proof.key.thumbprint, replayKey: proof.key.thumbprint + "." + proof.jti, windowSeconds: Double(maxAgeSeconds + leewaySeconds) + 1))
+    }
+
+    /// The replay check (RFC 9449 §11.1): true the first time the pair (key, `jti`) is seen
+    /// within the window in which its proof is acceptable, false for a replay.
+    public func consume(_ proof: Verified, uptime: Double) -> Bool {
+        let shard = replay[Int(UInt(bitPattern: proof.replayKey.hashValue) % UInt(replay.count))]
+        let until = uptime + proof.windowSeconds
+        return shard.withLockedValue { cache in
+            if case .fresh = cache.lookup(proof.replayKey, now: uptime) { return false }
+            _ = cache.insert(proof.replayKey, value: true, freshUntil: until, staleUntil: until, now: uptime)
+            return true
         }
-        guard !replayed else { return .failure(.proof("the proof (jti) was used before")) }
-        return .success(proof.key.thumbprint)
     }
 
     // MARK: nonces (stateless: the time window's number, MACed with the shared key)
@@ -165,7 +179,19 @@ enum DPoPURL {
             host = parts[0]
             if parts.count == 2 { port = parts[1] }
         }
-        guard !host.isEmpty, host.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "/") }) else { return nil }
+        // A reg-name or IPv4 (letters, digits, - . _ ~ and percent-escapes are not accepted
+        // here), or a bracketed IPv6 literal: nothing that could end the authority early.
+        let valid: Bool
+        if host.hasPrefix("[") {
+            valid = host.count > 2 && host.dropFirst().dropLast().utf8.allSatisfy { c in
+                (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x46) || (c >= 0x61 && c <= 0x66) || c == UInt8(ascii: ":") || c == UInt8(ascii: ".")
+            }
+        } else {
+            valid = host.utf8.allSatisfy { c in
+                (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5A) || (c >= 0x61 && c <= 0x7A) || c == 0x2D || c == 0x2E || c == 0x5F || c == 0x7E
+            }
+        }
+        guard !host.isEmpty, valid else { return nil }
         var result = host.lowercased()
         if let port {
             guard !port.isEmpty, port.count <= 5, port.allSatisfy(\.isASCIIDigit), let number = Int(port), number <= 65535 else {

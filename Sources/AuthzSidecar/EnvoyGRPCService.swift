@@ -21,12 +21,12 @@ public struct EnvoyGRPCService: Envoy_Service_Auth_V3_Authorization.SimpleServic
     public func check(request: Envoy_Service_Auth_V3_CheckRequest, context: ServerContext) async throws -> Envoy_Service_Auth_V3_CheckResponse {
         let authorizer = slot.current
         let access = Self.accessRequest(request, trustPolicyHeader: authorizer.configuration.server.trustPolicyHeader)
-        let (outcome, policy) = await authorizer.authorize(access)
+        let (outcome, policy, dpop) = await authorizer.decideAndExplain(access)
         if case .fault = outcome {
             // Envoy answers its status_on_error (503 in deploy/envoy-grpc.yaml).
             throw RPCError(code: .unavailable, message: "authorization server unavailable")
         }
-        return Self.checkResponse(AuthzAnswer(outcome: outcome, policy: policy, front: .envoyGRPC))
+        return Self.checkResponse(AuthzAnswer(outcome: outcome, policy: policy, front: .envoyGRPC, dpop: dpop))
     }
 
     /// The question in `attributes.request.http`: method, path (with query), host and headers

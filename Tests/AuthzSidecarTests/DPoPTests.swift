@@ -157,6 +157,22 @@ struct DPoPTests {
                 return request(tok, proofs: [proof(claims: c(now, tok, ["htu": "http://\(host)/api/x"]))], proto: "http")
             }),
             ("no X-Forwarded-Proto: https", "allow", { now in let tok = t(now); return request(tok, proofs: [proof(claims: c(now, tok, [:]))], proto: nil) }),
+            ("an original host with ? cannot shorten the URL", "dpop_proof", { now in
+                let tok = t(now)
+                return request(tok, proofs: [proof(claims: c(now, tok, ["htu": "https://\(host)/"]))], host: host + "?")
+            }),
+            ("an original host with / cannot move the path", "dpop_proof", { now in
+                let tok = t(now)
+                return request(tok, proofs: [proof(claims: c(now, tok, ["htu": "https://\(host)/x/api/x"]))], host: host + "/x")
+            }),
+            ("an original host with @", "dpop_proof", { now in
+                let tok = t(now)
+                return request(tok, proofs: [proof(claims: c(now, tok, ["htu": "https://\(host)/api/x"]))], host: "someone@" + host)
+            }),
+            ("X-Forwarded-Proto ftp", "dpop_proof", { now in
+                let tok = t(now)
+                return request(tok, proofs: [proof(claims: c(now, tok, ["htu": "ftp://\(host)/api/x"]))], proto: "ftp")
+            }),
         ]
     }()
 
@@ -253,7 +269,10 @@ struct DPoPTests {
         )
         let now = TestClock().now()
         let proof = Self.proof(claims: Self.claims(now, token: "opaque-dpop-token"))
+        // The listener asks without suspending first; a miss there must not use up the proof.
+        #expect(sidecar.authorizer.answerWithoutSuspending(Self.request("opaque-dpop-token", proofs: [proof])) == nil)
         #expect(await sidecar.authorizer.answer(Self.request("opaque-dpop-token", proofs: [proof])).status == 200)
+        #expect(await sidecar.authorizer.answer(Self.request("opaque-dpop-token", proofs: [proof])).status == 401)  // now a replay
         let other = Self.proof(TestKeys.p256Other, claims: Self.claims(now, token: "opaque-dpop-token"))
         #expect(JWTAccessTokenTests.describe(await sidecar.authorizer.authorize(Self.request("opaque-dpop-token", proofs: [other])).0) == "binding_mismatch")
     }

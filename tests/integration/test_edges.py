@@ -6,7 +6,7 @@
   3. the host is compared lower-cased, without its port and one trailing dot;
   4. only access tokens pass (refresh, ID, offline, logout answers: 401 `token_kind`);
   5. a binding is never ignored (cnf.jkt as Bearer, unknown cnf members: 401
-     `unsupported_binding`); a DPoP scheme is never "no token" (401 `dpop_unsupported`);
+     `unsupported_binding`); a DPoP scheme is never "no token" (401 `dpop_proof` without a proof);
   6. a purge reaches lookups in flight;
   7. a client that never reads its answers cannot grow the sidecar's memory; admin bodies are
      bounded;
@@ -695,9 +695,11 @@ def test_binding_the_sidecar_cannot_check_is_401(edges_sidecar, edges_as, cnf, p
 def test_dpop_scheme_is_never_anonymous(edges_sidecar, edges_as, scheme, path):
     token = edges_as.add_token(new_token(), active(cnf={"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}))
     resp, rid = ask(edges_sidecar, "nginx", path, authorization=f"{scheme} {token}")
-    assert_denied(edges_sidecar, resp, rid, 401, "dpop_unsupported")
+    # dpop: allowed (the default): the proof is checked first, and there is none.
+    assert_denied(edges_sidecar, resp, rid, 401, "dpop_proof")
     assert resp.header("X-Anonymous") is None, resp
-    assert 'error="invalid_request"' in (resp.header("WWW-Authenticate") or ""), resp
+    www = resp.header("WWW-Authenticate") or ""
+    assert www.startswith("DPoP ") and 'error="invalid_dpop_proof"' in www, resp
 
 
 @pytest.mark.parametrize("authorization", ["Basic dXNlcjpwYXNzd29yZA==", "Digest username=\"u\", nonce=\"n\""])
