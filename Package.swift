@@ -56,6 +56,7 @@ let package = Package(
             name: "JOSE",
             dependencies: [
                 "Introspection",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "CryptoExtras", package: "swift-crypto"),
             ],

@@ -16,6 +16,8 @@ final class AllowAnswerMemo: Sendable {
     private struct Entry: Sendable {
         let token: TokenInfo
         let cacheSeconds: Int64
+        /// The DPoP key of the answer (its X-Credential-Jkt), nil for Bearer.
+        let dpopKey: String?
         let answer: AuthzAnswer
     }
 
@@ -30,12 +32,12 @@ final class AllowAnswerMemo: Sendable {
         guard let token = grant.token else { return render() }
         let key = Key(digest: digest, policy: ObjectIdentifier(policy), front: front)
         if let entry = memo.value(for: key, spread: digest.w0), entry.cacheSeconds == grant.cacheSeconds,
-            entry.token.isSameStorage(as: token)
+            entry.dpopKey == grant.dpopKey, entry.token.isSameStorage(as: token)
         {
             return entry.answer
         }
         let answer = render()
-        memo.remember(Entry(token: token, cacheSeconds: grant.cacheSeconds, answer: answer), for: key, spread: digest.w0)
+        memo.remember(Entry(token: token, cacheSeconds: grant.cacheSeconds, dpopKey: grant.dpopKey, answer: answer), for: key, spread: digest.w0)
         return answer
     }
 

@@ -88,10 +88,11 @@ public final class Authorizer: Sendable {
             let outcome = Outcome.decision(decision)
             record(outcome, policy: evaluation.policy, digest: digest, request: request, started: started)
             // A rendering is remembered from the second sight on: a token seen once (a JWT
-            // verified just now) would only churn the memo. DPoP answers are never remembered.
-            if case .allow(let grant) = decision, found.source == .hit, proof == nil {
+            // verified just now) would only churn the memo. A DPoP allow is a function of the
+            // token too (its key must be the token's cnf.jkt), unless it carries a nonce.
+            if case .allow(let grant) = decision, found.source == .hit, proof?.context.nonce == nil {
                 return allowAnswers.answer(for: grant, digest: digest, policy: evaluation, front: request.front) {
-                    render(outcome, policy: evaluation.policy, front: request.front, dpop: nil)
+                    render(outcome, policy: evaluation.policy, front: request.front, dpop: proof?.context)
                 }
             }
             return render(outcome, policy: evaluation.policy, front: request.front, dpop: proof?.context)
@@ -188,7 +189,8 @@ public final class Authorizer: Sendable {
             var context = AuthzAnswer.DPoPContext(algorithms: dpop.challengeAlgorithms, nonce: policy.dpopNonce ? dpop.currentNonce(now: now) : nil)
             let digest = TokenDigest(token: token)
             let verified = dpop.verify(
-                proofs: request.headers[canonicalForm: "DPoP"].map(String.init), token: token, method: request.method,
+                // Each header as it came (a comma is no part of a proof: two joined by a proxy fail).
+                proofs: request.headers["DPoP"], token: digest, method: request.method,
                 expectedURL: expectedURL(of: request, policy: policy), maxAgeSeconds: policy.dpopMaxAgeSeconds,
                 leewaySeconds: policy.dpopIatLeewaySeconds, requireNonce: policy.dpopNonce, now: now
             )

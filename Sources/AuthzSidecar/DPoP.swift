@@ -30,6 +30,8 @@ public final class DPoPVerifier: Sendable {
     private let nonceKey: SymmetricKey
     /// `jkt.jti` of proofs seen, each until its `iat` window has passed: sharded, bounded.
     private let replay: [NIOLockedValueBox<TTLCache<String, Bool>>]
+    /// Proof keys already built (a client signs every proof with the same key).
+    private let keys = JSONWebKeyMemo()
 
     /// The algorithms, as the challenge's `algs` parameter lists them.
     public let challengeAlgorithms: String
@@ -66,7 +68,7 @@ public final class DPoPVerifier: Sendable {
     /// check: the caller `consume`s the proof once it decides on it, so that a request asked
     /// twice (without suspending, then with) does not replay its own proof.
     public func verify(
-        proofs: [String], token: String, method: String, expectedURL: String?,
+        proofs: [String], token: TokenDigest, method: String, expectedURL: String?,
         maxAgeSeconds: Int64, leewaySeconds: Int64, requireNonce: Bool, now: Double
     ) -> Result<Verified, Failure> {
         guard proofs.count == 1, let text = proofs.first else {
@@ -74,7 +76,7 @@ public final class DPoPVerifier: Sendable {
         }
         let proof: DPoPProof
         do {
-            proof = try DPoPProof(text[...], algorithms: algorithms)
+            proof = try DPoPProof(text[...], algorithms: algorithms, keys: keys)
         } catch {
             return .failure(.proof(error.description))
         }
@@ -89,8 +91,8 @@ public final class DPoPVerifier: Sendable {
         guard proof.iat >= seconds - maxAgeSeconds else { return .failure(.proof("iat is older than \(maxAgeSeconds) s")) }
         guard proof.iat <= seconds + leewaySeconds else { return .failure(.proof("iat is more than \(leewaySeconds) s ahead")) }
         guard let ath = proof.ath else { return .failure(.proof("ath is missing")) }
-        let expectedATH = Base64URL.encode(Array(SHA256.hash(data: Array(token.utf8))))
-        guard ath == expectedATH else { return .failure(.proof("ath is not the hash of this access token")) }
+        // The token's digest is its SHA-256 already (the cache key): ath is its base64url.
+        guard Base64URL.decode(Array(ath.utf8)) == token.bytes else { return .failure(.proof("ath is not the hash of this access token")) }
         if requireNonce {
             guard let nonce = proof.nonce else { return .failure(.nonce("the proof has no nonce")) }
             guard isValid(nonce: nonce, now: now) else { return .failure(.nonce("the nonce is unknown or stale")) }
@@ -138,6 +140,11 @@ enum DPoPURL {
     /// percent-escapes decoded and the others upper-cased, dot segments removed, an empty path
     /// read as `/`; nil for anything that is not an absolute http(s) URL with a valid host.
     static func normalized(_ url: String) -> String? {
+        alreadyNormal(url) ?? fullyNormalized(url)
+    }
+
+    /// The normalisation itself (`normalized` skips it for URLs already in normal form).
+    static func fullyNormalized(_ url: String) -> String? {
         var text = Substring(url)
         if let cut = text.firstIndex(where: { $0 == "?" || $0 == "#" }) { text = text[..<cut] }
         guard let schemeEnd = text.range(of: "://") else { return nil }
@@ -151,6 +158,53 @@ enum DPoPURL {
         guard let host = hostAndPort(authority, scheme: scheme) else { return nil }
         guard let path = normalizedPath(String(rest)) else { return nil }
         return scheme + "://" + host + path
+    }
+
+    /// The fast path: a URL already in normal form (what clients and this sidecar build), up to
+    /// its query or fragment; nil when it may need any change (then the full normalisation runs).
+    static func alreadyNormal(_ url: String) -> String? {
+        var url = url
+        return url.withUTF8 { bytes -> String? in
+            var i: Int
+            if bytes.starts(with: "https://".utf8) { i = 8 } else if bytes.starts(with: "http://".utf8) { i = 7 } else { return nil }
+            let https = i == 8
+            let hostStart = i
+            while i < bytes.count, (bytes[i] >= 0x61 && bytes[i] <= 0x7A) || (bytes[i] >= 0x30 && bytes[i] <= 0x39) || bytes[i] == 0x2D || bytes[i] == 0x2E {
+                i += 1
+            }
+            guard i > hostStart else { return nil }
+            if i < bytes.count, bytes[i] == UInt8(ascii: ":") {
+                let portStart = i + 1
+                i += 1
+                while i < bytes.count, bytes[i] >= 0x30, bytes[i] <= 0x39 { i += 1 }
+                let digits = i - portStart
+                guard digits > 0, digits <= 5, bytes[portStart] != 0x30 else { return nil }
+                var port = 0
+                for j in portStart..<i { port = port * 10 + Int(bytes[j] - 0x30) }
+                guard port <= 65535, port != (https ? 443 : 80) else { return nil }
+            }
+            guard i < bytes.count, bytes[i] == UInt8(ascii: "/") else { return nil }
+            // The path: printable ASCII without escapes or dot segments.
+            var segmentStart = i + 1
+            var end = bytes.count
+            while i < bytes.count {
+                let c = bytes[i]
+                if c == UInt8(ascii: "?") || c == UInt8(ascii: "#") {
+                    end = i
+                    break
+                }
+                guard c > 0x20, c < 0x7F, c != UInt8(ascii: "%"), c != UInt8(ascii: "\\") else { return nil }
+                if c == UInt8(ascii: "/") {
+                    let length = i - segmentStart
+                    if (length == 1 && bytes[segmentStart] == 0x2E) || (length == 2 && bytes[segmentStart] == 0x2E && bytes[segmentStart + 1] == 0x2E) { return nil }
+                    segmentStart = i + 1
+                }
+                i += 1
+            }
+            let last = end - segmentStart
+            if last > 0, (last == 1 && bytes[segmentStart] == 0x2E) || (last == 2 && bytes[segmentStart] == 0x2E && bytes[segmentStart + 1] == 0x2E) { return nil }
+            return String(decoding: UnsafeBufferPointer(rebasing: bytes[..<end]), as: UTF8.self)
+        }
     }
 
     /// `scheme://host[:port]` normalised, for `public_base_url`; nil when the text has a path

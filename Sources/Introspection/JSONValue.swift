@@ -34,7 +34,8 @@ public enum JSONValue: Sendable, Hashable {
         return out
     }
 
-    func write(into out: inout String) {
+    /// Appends the compact JSON text (keys sorted).
+    public func write(into out: inout String) {
         switch self {
         case .null: out += "null"
         case .bool(let b): out += b ? "true" : "false"

@@ -35,6 +35,16 @@ public struct TokenDigest: Hashable, Sendable, CustomStringConvertible {
         (w0, w1, w2, w3) = (words[0], words[1], words[2], words[3])
     }
 
+    /// The 32 bytes of the digest (DPoP's `ath` is their base64url, RFC 9449 §4.2).
+    public var bytes: [UInt8] {
+        var out = [UInt8]()
+        out.reserveCapacity(32)
+        for word in [w0, w1, w2, w3] {
+            for shift in stride(from: 56, through: 0, by: -8) { out.append(UInt8(truncatingIfNeeded: word >> UInt64(shift))) }
+        }
+        return out
+    }
+
     /// All 64 lowercase hex digits.
     public var hex: String {
         [w0, w1, w2, w3].map { word in

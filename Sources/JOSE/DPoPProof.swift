@@ -21,13 +21,15 @@ public struct DPoPProof: Sendable {
     /// Parses and verifies: compact JWS, `typ: dpop+jwt`, `alg` on `algorithms`, a public `jwk`
     /// (no private member) that fits `alg` and verifies the signature, and claims of the right
     /// types (`jti`, `htm`, `htu` strings, `iat` a number; `ath`, `nonce` strings when present).
-    public init(_ text: Substring, algorithms: [JWSAlgorithm]) throws(JOSEError) {
+    /// - Parameter keys: where keys built from `jwk` members are remembered; nil builds each.
+    public init(_ text: Substring, algorithms: [JWSAlgorithm], keys: JSONWebKeyMemo? = nil) throws(JOSEError) {
         guard text.utf8.count <= Self.maxLength else { throw JOSEError("the proof is longer than \(Self.maxLength) bytes") }
         let jws = try CompactJWS(text)
         guard jws.hasType(in: ["dpop+jwt"]) else { throw JOSEError("typ is not dpop+jwt") }
         guard algorithms.contains(jws.algorithm) else { throw JOSEError("alg \(jws.algorithm.rawValue) is not accepted for proofs") }
         guard case .object(let members)? = jws.header["jwk"] else { throw JOSEError("the header has no jwk object") }
-        let key = try JSONWebKey(members: members)
+        let key: JSONWebKey
+        if let keys { key = try keys.key(members: members) } else { key = try JSONWebKey(members: members) }
         guard key.fits(jws.algorithm) else { throw JOSEError("the jwk does not fit alg \(jws.algorithm.rawValue)") }
         guard jws.isSigned(by: key) else { throw JOSEError("the signature does not verify with the proof's jwk") }
         let claims = try jws.claims()

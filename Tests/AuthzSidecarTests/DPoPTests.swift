@@ -226,6 +226,10 @@ struct DPoPTests {
         let proof = Self.proof(claims: Self.claims(harness.now, token: token))
         #expect(authorizer.answerWithoutSuspending(Self.request(token, proofs: [proof]))?.status == 200)
         #expect(authorizer.answerWithoutSuspending(Self.request(token, proofs: [proof]))?.status == 401)
+        // A remembered rendering is used for the next allow of the token: still DPoP, still its key.
+        let again = authorizer.answerWithoutSuspending(Self.request(token, proofs: [Self.proof(claims: Self.claims(harness.now, token: token))]))
+        #expect(again?.status == 200 && again?.headers.first(name: "X-Credential-Jkt") == Self.thumbprint(TestKeys.p256))
+        #expect(again?.headers.first(name: "X-Credential-Token-Type") == "DPoP" && again?.headers.first(name: "Cache-Control") == "no-store")
     }
 
     @Test("server nonces: none or a stale one is use_dpop_nonce with a fresh DPoP-Nonce; the current and the previous are accepted")
@@ -298,6 +302,24 @@ struct DPoPTests {
         #expect(DPoPURL.origin("https://API.example.com:443/") == "https://api.example.com")
         #expect(DPoPURL.origin("https://api.example.com/base") == nil)
         #expect(DPoPURL.origin("https://api.example.com?x") == nil)
+    }
+
+    @Test("the fast path for URLs already in normal form agrees with the full normalisation")
+    func fastPathAgrees() {
+        let schemes = ["https://", "http://", "HTTP://", "ftp://"]
+        let hosts = ["a.example", "A.example", "a_b", "127.0.0.1", "[::1]", "u@a", "", "xn--bcher-kva.example"]
+        let ports = ["", "", ":443", ":80", ":8443", ":0", ":", ":65536", ":08"]
+        let path = ["/", "//", "/x", "/./", "/../", "/.", "/..", "/.x", "/..x", "%7e", "%2F", "~", "x", "\\", " ", "é", ".", ".."]
+        let suffixes = ["", "", "?", "#f", "?q=/../", "?a#b"]
+        var checked = 0
+        for _ in 0..<20_000 {
+            let url = schemes.randomElement()! + hosts.randomElement()! + ports.randomElement()!
+                + (0..<Int.random(in: 0...5)).map { _ in path.randomElement()! }.joined() + suffixes.randomElement()!
+            guard let fast = DPoPURL.alreadyNormal(url) else { continue }
+            checked += 1
+            #expect(fast == DPoPURL.fullyNormalized(url), "\(url)")
+        }
+        #expect(checked > 100)
     }
 
     @Test("configuration: public_base_url is an origin; dpop_algorithms are asymmetric")
