@@ -22,7 +22,7 @@ every request through the library's own DPoP auth handler.
         --steal replays the token as an attacker would: as a Bearer token, with proofs signed by
         another key, or with no DPoP header at all. Exit status 0 when every answer is 2xx, else 1.
 
-Importable: tests use load_idp_env(), get_dpop_token(), thumbprint(), jwt_payload(), introspect(),
+Importable: tests use load_idp_env(), get_dpop_token(), thumbprint(), b64url(), jwt_header(), jwt_payload(), introspect(),
 check_dpop_token() and make_session().
 
 What requests-oauth2client 1.8.0 really does (checked against it and Glewlwyd 2.7.5; it matters

@@ -240,6 +240,37 @@ class _QuietServer(ThreadingHTTPServer):
         pass
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """The fake servers' request handler: HTTP/1.1, no request log, answers through _send."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def _send(self, status: int, body: bytes, ctype: str = "application/json", extra=()):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in extra:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def serve(handler, name: str, port: int = 0) -> _QuietServer:
+    """HANDLER served on 127.0.0.1:PORT (0: a free one) by a daemon thread called NAME."""
+    srv = _QuietServer(("127.0.0.1", port), handler)
+    threading.Thread(target=srv.serve_forever, name=name, daemon=True).start()
+    return srv
+
+
+def shut_down(srv: "_QuietServer | None") -> None:
+    """Stop serving and close the listening socket (its port then refuses connections)."""
+    if srv is not None:
+        srv.shutdown()
+        srv.server_close()
+
+
 class FakeAuthorizationServer:
     """POST /introspect (RFC 7662 §2) with client_secret_basic.
 
@@ -274,9 +305,7 @@ class FakeAuthorizationServer:
     def _handler(self):
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class Handler(QuietHandler):
             def setup(self):
                 super().setup()
                 # headers and body go out in two writes: without this, Nagle + delayed ACK add ~40 ms
@@ -291,18 +320,6 @@ class FakeAuthorizationServer:
                     super().finish()
                 except OSError:
                     pass
-
-            def log_message(self, *a):
-                pass
-
-            def _send(self, status: int, body: bytes, ctype: str = "application/json", extra=()):
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                for k, v in extra:
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
 
             def do_GET(self):
                 self._send(404, b'{"error":"not_found"}')
@@ -346,18 +363,14 @@ class FakeAuthorizationServer:
         return Handler
 
     def start(self) -> "FakeAuthorizationServer":
-        srv = _QuietServer(("127.0.0.1", self.port), self._handler())
-        self.port = srv.server_address[1]
-        threading.Thread(target=srv.serve_forever, name="fake-as", daemon=True).start()
-        self._server = srv
+        self._server = serve(self._handler(), "fake-as", self.port)
+        self.port = self._server.server_address[1]
         return self
 
     def stop(self) -> None:
         """Take the server off the network (connections to its port are refused)."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        shut_down(self._server)
+        self._server = None
         # Also drop the keep-alive connections the sidecar holds, or it would still be served.
         with self._lock:
             conns, self._connections = list(self._connections), set()
@@ -418,6 +431,23 @@ def http_request(base: str, path: str, method: str = "GET", headers: "dict | Non
         return Response(r.status, r.headers, r.read())
     finally:
         conn.close()
+
+
+def log_line(sc: Sidecar, rid: str, timeout: float = 5.0) -> "dict | None":
+    """The sidecar's JSON log line for the request with X-Request-Id RID (polls: logging is async)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in sc.log_path.read_text(errors="replace").splitlines():
+            if rid in line:
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    continue
+                if obj.get("authz.request_id") == rid:
+                    return obj
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import requests
 
 from conftest import ALL_TOKENS, REPO, stack
 import test_glewlwyd_e2e as glewlwyd_e2e
-from test_glewlwyd_e2e import IDP_SCRIPT, read_env
+from test_glewlwyd_e2e import idp_script, read_env
 
 import dpop_client as dc   # scripts/ is on sys.path (conftest)
 from requests_oauth2client import DPoPKey, DPoPToken
@@ -39,15 +39,6 @@ from requests_oauth2client import DPoPKey, DPoPToken
 idp = glewlwyd_e2e.idp      # a Glewlwyd of this module's own (module scope)
 
 pytestmark = pytest.mark.glewlwyd
-
-
-def idp_script(*args: str) -> str:
-    run = subprocess.run(["bash", str(IDP_SCRIPT), *args], capture_output=True, text=True, timeout=120,
-                         stdin=subprocess.DEVNULL)
-    if run.returncode != 0:
-        pytest.fail(f"idp-glewlwyd.sh {' '.join(args)} failed ({run.returncode}):\n{run.stdout[-3000:]}\n"
-                    f"{run.stderr[-3000:]}", pytrace=False)
-    return run.stdout
 
 
 def dpop_mode(idp: dict, mode: str) -> dict:

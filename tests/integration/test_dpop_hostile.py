@@ -20,26 +20,23 @@ The clock is real: `iat` edges keep 2 s margins.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
-import hmac
 import http.client
 import json
 import re
 import secrets
-import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from typing import Callable
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from conftest import (ALL_TOKENS, HTTP_TIMEOUT, INTROSPECTION_CLIENT_ID, INTROSPECTION_CLIENT_SECRET, KONG_DENIED,
-                      FakeAuthorizationServer, Response, Sidecar, _QuietServer, http_request, kong_body)
+from conftest import (HTTP_TIMEOUT, INTROSPECTION_CLIENT_ID, INTROSPECTION_CLIENT_SECRET, KONG_DENIED,
+                      FakeAuthorizationServer, QuietHandler, Response, Sidecar, http_request, kong_body, log_line,
+                      serve, shut_down)
+from jose_support import b64u, compact, discovery_doc, enc, jwk_int, keep, rsa_key
 
 REALM = "authz-sidecar"
 ALGS = "ES256 PS256 RS256 EdDSA"          # the default server.dpop_algorithms, in the challenge
@@ -54,22 +51,10 @@ MAX_PROOF = 8192
 
 # ---------------------------------------------------------------------------------------------
 # Keys and JWKs
-def b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _int(n: int, size: "int | None" = None) -> str:
-    return b64u(n.to_bytes(size or (n.bit_length() + 7) // 8, "big"))
-
-
-def _rsa():
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
 K_ES = ec.generate_private_key(ec.SECP256R1())       # the ES256 client
 K_ES_B = ec.generate_private_key(ec.SECP256R1())     # another ES256 client ("key B")
-K_RS = _rsa()                                        # the RS256 client
-K_PS = _rsa()                                        # the PS256 client
+K_RS = rsa_key()                                     # the RS256 client
+K_PS = rsa_key()                                     # the PS256 client
 K_ED = ed25519.Ed25519PrivateKey.generate()          # the EdDSA client
 K_P384 = ec.generate_private_key(ec.SECP384R1())     # ES384: a real algorithm, not on dpop_algorithms
 OCT = secrets.token_bytes(32)                        # a symmetric "key"
@@ -85,16 +70,17 @@ def public_jwk(key, private: bool = False) -> dict:
         size = (key.curve.key_size + 7) // 8
         pub = key.public_key().public_numbers()
         jwk = {"kty": "EC", "crv": {256: "P-256", 384: "P-384"}[key.curve.key_size],
-               "x": _int(pub.x, size), "y": _int(pub.y, size)}
+               "x": jwk_int(pub.x, size), "y": jwk_int(pub.y, size)}
         if private:
-            jwk["d"] = _int(key.private_numbers().private_value, size)
+            jwk["d"] = jwk_int(key.private_numbers().private_value, size)
         return jwk
     if isinstance(key, rsa.RSAPrivateKey):
         pub = key.public_key().public_numbers()
-        jwk = {"kty": "RSA", "n": _int(pub.n), "e": _int(pub.e)}
+        jwk = {"kty": "RSA", "n": jwk_int(pub.n), "e": jwk_int(pub.e)}
         if private:
             p = key.private_numbers()
-            jwk.update(d=_int(p.d), p=_int(p.p), q=_int(p.q), dp=_int(p.dmp1), dq=_int(p.dmq1), qi=_int(p.iqmp))
+            jwk.update(d=jwk_int(p.d), p=jwk_int(p.p), q=jwk_int(p.q), dp=jwk_int(p.dmp1), dq=jwk_int(p.dmq1),
+                       qi=jwk_int(p.iqmp))
         return jwk
     if isinstance(key, ed25519.Ed25519PrivateKey):
         raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -123,36 +109,7 @@ def ath_of(token: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Signing and the proof maker
-_HASH = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
-
-
-def sign(alg: str, key, data: bytes) -> bytes:
-    if alg.lower() == "none":
-        return b""
-    if alg == "EdDSA":
-        return key.sign(data)
-    h = _HASH[alg[2:]]
-    if alg.startswith("HS"):
-        return hmac.new(key, data, getattr(hashlib, "sha" + alg[2:])).digest()
-    if alg.startswith("RS"):
-        return key.sign(data, padding.PKCS1v15(), h())
-    if alg.startswith("PS"):
-        return key.sign(data, padding.PSS(mgf=padding.MGF1(h()), salt_length=h.digest_size), h())
-    if alg.startswith("ES"):
-        r, s = decode_dss_signature(key.sign(data, ec.ECDSA(h())))
-        size = (key.curve.key_size + 7) // 8
-        return r.to_bytes(size, "big") + s.to_bytes(size, "big")
-    raise ValueError(alg)
-
-
-def enc(part) -> str:
-    """base64url of a part: bytes as they are, anything else as compact JSON."""
-    if isinstance(part, bytes):
-        return b64u(part)
-    return b64u(json.dumps(part, separators=(",", ":")).encode())
-
-
+# The proof maker (signing: jose_support)
 AUTO = object()   # the right value
 DROP = object()   # leave the member out
 
@@ -180,8 +137,7 @@ def proof_parts(key=None, alg: str = "ES256", *, token: "str | None" = None, htm
 
 def assemble(header, payload, sign_key, sign_alg: str) -> str:
     """header.payload.signature over the exact text sent (HEADER / PAYLOAD: dict or raw bytes)."""
-    signing_input = f"{enc(header)}.{enc(payload)}"
-    return f"{signing_input}.{b64u(sign(sign_alg, sign_key, signing_input.encode()))}"
+    return compact(header, payload, sign_key, sign_alg)
 
 
 def proof(key=None, alg: str = "ES256", *, sign_key=AUTO, sign_alg: "str | None" = None, **kw) -> str:
@@ -237,44 +193,27 @@ class FakeIssuer:
     def start(self) -> "FakeIssuer":
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self):
                 path = self.path.split("?")[0]
                 m = re.fullmatch(r"/([a-z-]+)/(\.well-known/openid-configuration|jwks)", path)
                 if m and m.group(2) != "jwks":
-                    iss = fake.tenant(m.group(1))
-                    body = {"issuer": iss, "jwks_uri": f"{iss}/jwks", "token_endpoint": f"{iss}/token",
-                            "authorization_endpoint": f"{iss}/auth", "response_types_supported": ["code"],
-                            "subject_types_supported": ["public"], "id_token_signing_alg_values_supported": ["ES256"]}
+                    body = discovery_doc(fake.tenant(m.group(1)), ["ES256"])
                     status = 200
                 elif m:
                     body = {"keys": [{**public_jwk(ISSUER_KEY), "kid": "iss-1", "use": "sig", "alg": "ES256"}]}
                     status = 200
                 else:
                     body, status = {"error": "not_found"}, 404
-                raw = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
+                self._send(status, json.dumps(body).encode())
 
-        srv = _QuietServer(("127.0.0.1", 0), Handler)
-        self.port = srv.server_address[1]
-        threading.Thread(target=srv.serve_forever, name="fake-dpop-issuer", daemon=True).start()
-        self._server = srv
+        self._server = serve(Handler, "fake-dpop-issuer")
+        self.port = self._server.server_address[1]
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        shut_down(self._server)
+        self._server = None
 
 
 @dataclass
@@ -283,11 +222,6 @@ class Env:
     fake_as: FakeAuthorizationServer
     iss: str
     hybrid_iss: str = ""   # the jwt_then_introspect issuer (same key, introspected at fake_as)
-
-
-def keep(token: str) -> str:
-    ALL_TOKENS.add(token)   # test_zz_no_tokens_in_logs: no token may appear in a sidecar log
-    return token
 
 
 def jwt_token(env: Env, key=AUTO, bound_to=AUTO, **over) -> str:
@@ -416,24 +350,8 @@ def check_challenge(resp, scheme: str, error: "str | None") -> None:
     assert not extra, f"unexpected challenge parameters {extra}: {resp}"
 
 
-def log_line(sc: Sidecar, rid: str, timeout: float = 3.0) -> "dict | None":
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in sc.log_path.read_text(errors="replace").splitlines():
-            if rid in line:
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    continue
-                if obj.get("authz.request_id") == rid:
-                    return obj
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.05)
-
-
 def check_reason(sc: Sidecar, rid: str, expected: tuple) -> None:
-    line = log_line(sc, rid)
+    line = log_line(sc, rid, timeout=3.0)
     assert line is not None, f"no log line for request {rid}"
     got = line.get("authz.reason")
     assert got in expected, f"log reason {got!r}, expected one of {expected}: {line}"

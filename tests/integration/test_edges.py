@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (ALL_TOKENS, INTROSPECTION_CLIENT_ID, INTROSPECTION_CLIENT_SECRET, KONG_DENIED, SIDECAR_BIN,
-                      FakeAuthorizationServer, Nginx, Sidecar, kong_body, stack, to_yaml)
+                      FakeAuthorizationServer, Nginx, Sidecar, kong_body, log_line, stack, to_yaml)
 import envoy_support
 from envoy_support import DEPLOY_ENVOY, DEPLOY_ENVOY_GRPC, Envoy, render_envoy_conf, validate
 
@@ -211,23 +211,6 @@ def ask(sc: Sidecar, form: str, path: "str | bytes | None", *, token: "str | Non
         target = b"/authz" + _bytes(path)
     headers.extend(extra or [])
     return exchange(("127.0.0.1", sc.port), build(target, headers)), rid
-
-
-def log_line(sc: Sidecar, rid: str, timeout: float = 5.0) -> "dict | None":
-    """The sidecar's JSON log line for the request with X-Request-Id RID (polls: logging is async)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in sc.log_path.read_text(errors="replace").splitlines():
-            if rid in line:
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    continue
-                if obj.get("authz.request_id") == rid:
-                    return obj
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.05)
 
 
 def assert_denied(sc: Sidecar, resp: "Raw | None", rid: str, status: int, reason: str,

@@ -30,6 +30,16 @@ def read_env(path: Path) -> dict:
     return env
 
 
+def idp_script(*args: str) -> str:
+    """scripts/idp-glewlwyd.sh ARGS; its output, or the test fails with it."""
+    run = subprocess.run(["bash", str(IDP_SCRIPT), *args], capture_output=True, text=True, timeout=120,
+                         stdin=subprocess.DEVNULL)
+    if run.returncode != 0:
+        pytest.fail(f"idp-glewlwyd.sh {' '.join(args)} failed ({run.returncode}):\n{run.stdout[-3000:]}\n"
+                    f"{run.stderr[-3000:]}", pytrace=False)
+    return run.stdout
+
+
 @pytest.fixture(scope="module")
 def idp(tmp_path_factory, certs):
     if shutil.which("glewlwyd") is None and os.geteuid() != 0:

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import ssl
-import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -31,7 +30,9 @@ from conftest import (ALL_TOKENS, KONG_DENIED, KONG_UNAVAILABLE, EdgeClient, Ngi
 import envoy_support
 from envoy_support import DEPLOY_ENVOY_GRPC, Envoy, assert_kong, policy
 import test_glewlwyd_e2e as glewlwyd_e2e
-from test_glewlwyd_e2e import IDP_SCRIPT, read_env
+from test_glewlwyd_e2e import idp_script, read_env
+
+from dpop_client import b64url, jwt_header, jwt_payload   # scripts/ is on sys.path (conftest)
 
 # fixtures shared with the other suites (assigned here so that pytest registers them in this module)
 envoy_bin = envoy_support.envoy_bin
@@ -48,23 +49,7 @@ WAIT_SLACK = 6.0                    # bound on every wait beyond the configured 
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers
-def b64url_json(part: str) -> dict:
-    return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
-
-
-def jwt_header(token: str) -> dict:
-    return b64url_json(token.split(".")[0])
-
-
-def jwt_payload(token: str) -> dict:
-    return b64url_json(token.split(".")[1])
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
+# Helpers (base64url and JWT parts: scripts/dpop_client.py)
 def get_token(idp: dict, resource: "str | None" = None) -> str:
     """A client_credentials token for client1 (tls_client_auth), straight from Glewlwyd's token endpoint."""
     ctx = ssl.create_default_context(cafile=idp["IDP_CA"])
@@ -78,16 +63,6 @@ def get_token(idp: dict, resource: "str | None" = None) -> str:
     token = body["access_token"]
     ALL_TOKENS.add(token)
     return token
-
-
-def idp_script(*args: str) -> str:
-    """scripts/idp-glewlwyd.sh ARGS; its output, or the test fails with it."""
-    run = subprocess.run(["bash", str(IDP_SCRIPT), *args], capture_output=True, text=True, timeout=120,
-                         stdin=subprocess.DEVNULL)
-    if run.returncode != 0:
-        pytest.fail(f"idp-glewlwyd.sh {' '.join(args)} failed ({run.returncode}):\n{run.stdout[-3000:]}\n"
-                    f"{run.stderr[-3000:]}", pytrace=False)
-    return run.stdout
 
 
 def rotate(idp: dict, step: str) -> dict:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import json
 import re
 import secrets
@@ -30,19 +29,18 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler
 from typing import Callable, Optional
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
-from conftest import (ALL_TOKENS, INTROSPECTION_CLIENT_ID, INTROSPECTION_CLIENT_SECRET, KONG_DENIED,
-                      KONG_UNAVAILABLE, SIDECAR_BIN, FakeAuthorizationServer, Sidecar, _QuietServer, http_request,
-                      kong_body, stack, to_yaml)
+from conftest import (INTROSPECTION_CLIENT_ID, INTROSPECTION_CLIENT_SECRET, KONG_DENIED, KONG_UNAVAILABLE,
+                      SIDECAR_BIN, FakeAuthorizationServer, QuietHandler, Sidecar, http_request, kong_body, log_line,
+                      serve, shut_down, stack, to_yaml)
+from jose_support import b64u, compact, discovery_doc, enc, jwk_int, keep, rsa_key, sign
 
 REALM = 'Bearer realm="authz-sidecar"'
 AUD = "api-aud"
@@ -56,46 +54,34 @@ def www(error: str, scope: "str | None" = None) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Keys (generated once per run) and their JWKs
-def _rsa(bits: int = 2048):
-    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
-
-
-RSA1 = _rsa()              # kid rsa-1, no own alg: RS256 and PS256 fit
-RSA_RS = _rsa()            # kid rsa-rs256, own alg RS256
-RSA_ENC = _rsa()           # kid rsa-enc, use enc: skipped
-RSA_PRIV = _rsa()          # kid rsa-priv, published with its private members: skipped
-RSA_SMALL = _rsa(1024)     # kid rsa-1024: below 2048 bits, skipped
+RSA1 = rsa_key()           # kid rsa-1, no own alg: RS256 and PS256 fit
+RSA_RS = rsa_key()         # kid rsa-rs256, own alg RS256
+RSA_ENC = rsa_key()        # kid rsa-enc, use enc: skipped
+RSA_PRIV = rsa_key()       # kid rsa-priv, published with its private members: skipped
+RSA_SMALL = rsa_key(1024)  # kid rsa-1024: below 2048 bits, skipped
 EC1 = ec.generate_private_key(ec.SECP256R1())     # kid ec-1
 ED1 = ed25519.Ed25519PrivateKey.generate()       # kid ed-1
 OCT_SECRET = secrets.token_bytes(32)             # kid hmac-1 (kty oct): skipped
-ATT_RSA = _rsa()                                 # the attacker's keys: never in any JWKS
+ATT_RSA = rsa_key()                              # the attacker's keys: never in any JWKS
 ATT_EC = ec.generate_private_key(ec.SECP256R1())
 ATT_ED = ed25519.Ed25519PrivateKey.generate()
 FAULT_EC = ec.generate_private_key(ec.SECP256R1())   # the fault tenants' key (kid ec-f)
 
 
-def b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _int(n: int, size: "int | None" = None) -> str:
-    size = size or (n.bit_length() + 7) // 8
-    return b64u(n.to_bytes(size, "big"))
-
-
 def rsa_jwk(key, kid: str, private: bool = False, **extra) -> dict:
     pub = key.public_key().public_numbers()
-    jwk = {"kty": "RSA", "kid": kid, "use": "sig", "n": _int(pub.n), "e": _int(pub.e), **extra}
+    jwk = {"kty": "RSA", "kid": kid, "use": "sig", "n": jwk_int(pub.n), "e": jwk_int(pub.e), **extra}
     if private:
         priv = key.private_numbers()
-        jwk.update(d=_int(priv.d), p=_int(priv.p), q=_int(priv.q), dp=_int(priv.dmp1), dq=_int(priv.dmq1),
-                   qi=_int(priv.iqmp))
+        jwk.update(d=jwk_int(priv.d), p=jwk_int(priv.p), q=jwk_int(priv.q), dp=jwk_int(priv.dmp1),
+                   dq=jwk_int(priv.dmq1), qi=jwk_int(priv.iqmp))
     return jwk
 
 
 def ec_jwk(key, kid: str, **extra) -> dict:
     pub = key.public_key().public_numbers()
-    return {"kty": "EC", "kid": kid, "use": "sig", "crv": "P-256", "x": _int(pub.x, 32), "y": _int(pub.y, 32), **extra}
+    return {"kty": "EC", "kid": kid, "use": "sig", "crv": "P-256", "x": jwk_int(pub.x, 32), "y": jwk_int(pub.y, 32),
+            **extra}
 
 
 def ed_jwk(key, kid: str, **extra) -> dict:
@@ -145,53 +131,15 @@ USELESS_KEYS = [
     {**ec_jwk(FAULT_EC, "ec-f"), "crv": "P-999"},
     {"kty": "XYZ", "kid": "xyz", "x": "AAAA"},
     {**ec_jwk(FAULT_EC, "ec-f-enc"), "use": "enc"},
-    {**ec_jwk(FAULT_EC, "ec-f-priv"), "d": _int(FAULT_EC.private_numbers().private_value, 32)},
+    {**ec_jwk(FAULT_EC, "ec-f-priv"), "d": jwk_int(FAULT_EC.private_numbers().private_value, 32)},
 ]
 
 
 # ---------------------------------------------------------------------------------------------
-# Forging
-def enc(part) -> str:
-    """base64url of a part: bytes / str as they are, anything else as compact JSON."""
-    if isinstance(part, bytes):
-        return b64u(part)
-    if isinstance(part, str):
-        return b64u(part.encode())
-    return b64u(json.dumps(part, separators=(",", ":")).encode())
-
-
-_HASH = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
-
-
-def sign(alg: str, key, data: bytes) -> bytes:
-    if alg.lower() == "none":
-        return b""
-    if alg == "EdDSA":
-        return key.sign(data)
-    h = _HASH[alg[2:]]
-    if alg.startswith("HS"):
-        return hmac.new(key, data, getattr(hashlib, "sha" + alg[2:])).digest()
-    if alg.startswith("RS"):
-        return key.sign(data, padding.PKCS1v15(), h())
-    if alg.startswith("PS"):
-        return key.sign(data, padding.PSS(mgf=padding.MGF1(h()), salt_length=h.digest_size), h())
-    if alg.startswith("ES"):
-        r, s = decode_dss_signature(key.sign(data, ec.ECDSA(h())))
-        size = (key.curve.key_size + 7) // 8
-        return r.to_bytes(size, "big") + s.to_bytes(size, "big")
-    raise ValueError(alg)
-
-
-def keep(token: str) -> str:
-    ALL_TOKENS.add(token)   # test_zz_no_tokens_in_logs: none may appear in a sidecar log
-    return token
-
-
+# Forging (base64url, signing, keep: jose_support)
 def jws(header, payload, key=None, alg: "str | None" = None) -> str:
     """header.payload.signature; ALG (default header["alg"]) signs the exact text sent."""
-    signing_input = f"{enc(header)}.{enc(payload)}"
-    alg = alg or header["alg"]
-    return keep(f"{signing_input}.{b64u(sign(alg, key, signing_input.encode()))}")
+    return keep(compact(header, payload, key, alg or header["alg"]))
 
 
 DEFAULT_KID = {"RS256": "rsa-1", "RS384": "rsa-1", "PS256": "rsa-1", "ES256": "ec-1", "EdDSA": "ed-1"}
@@ -265,27 +213,11 @@ class FakeIssuer:
     def _handler(self):
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def send(self, status: int, body: bytes, ctype: str = "application/json"):
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
+        class Handler(QuietHandler):
             def discovery(self, t: Tenant):
                 with fake.lock:
                     t.discovery_fetches += 1
-                iss = fake.iss(t.name)
-                doc = {"issuer": iss, "jwks_uri": f"{iss}/jwks", "token_endpoint": f"{iss}/token",
-                       "authorization_endpoint": f"{iss}/auth", "response_types_supported": ["code"],
-                       "subject_types_supported": ["public"], "id_token_signing_alg_values_supported": ALGORITHMS}
-                self.send(200, json.dumps(doc).encode())
+                self._send(200, json.dumps(discovery_doc(fake.iss(t.name), ALGORITHMS)).encode())
 
             def jwks(self, t: Tenant):
                 with fake.lock:
@@ -293,14 +225,14 @@ class FakeIssuer:
                 mode = t.mode
                 body = json.dumps({"keys": t.keys}).encode()
                 if mode == "500":
-                    return self.send(500, b'{"error":"server_error"}')
+                    return self._send(500, b'{"error":"server_error"}')
                 if mode == "html":
-                    return self.send(200, b"<html><body>Service temporarily unavailable</body></html>", "text/html")
+                    return self._send(200, b"<html><body>Service temporarily unavailable</body></html>", "text/html")
                 if mode == "raw":
-                    return self.send(200, t.raw)
+                    return self._send(200, t.raw)
                 if mode == "huge":    # a valid JWKS, only too large
                     pad = "x" * (1024 * 1024 + 4096)
-                    return self.send(200, json.dumps({"keys": t.keys, "padding": pad}).encode())
+                    return self._send(200, json.dumps({"keys": t.keys, "padding": pad}).encode())
                 if mode == "huge_chunked":   # the same without Content-Length
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
@@ -314,7 +246,7 @@ class FakeIssuer:
                     return
                 if mode == "slow":
                     time.sleep(t.delay)
-                self.send(200, body)
+                self._send(200, body)
 
             def do_GET(self):
                 path = self.path.split("?")[0]
@@ -323,8 +255,8 @@ class FakeIssuer:
                         fake.attacker_hits += 1
                     if path == "/attacker/cert.pem":
                         pem = ATT_CERT.public_bytes(serialization.Encoding.PEM)
-                        return self.send(200, pem, "application/pem-certificate-chain")
-                    return self.send(200, json.dumps(ATTACKER_JWKS).encode())
+                        return self._send(200, pem, "application/pem-certificate-chain")
+                    return self._send(200, json.dumps(ATTACKER_JWKS).encode())
                 m = re.fullmatch(r"/t/([^/]+)/(\.well-known/openid-configuration|jwks)", path)
                 m8414 = re.fullmatch(r"/\.well-known/oauth-authorization-server/t/([^/]+)", path)
                 if m and m.group(1) in fake.tenants:
@@ -335,22 +267,18 @@ class FakeIssuer:
                         return self.discovery(t)
                 elif m8414 and m8414.group(1) in fake.tenants:
                     return self.discovery(fake.tenants[m8414.group(1)])
-                self.send(404, b'{"error":"not_found"}')
+                self._send(404, b'{"error":"not_found"}')
 
         return Handler
 
     def start(self) -> "FakeIssuer":
-        srv = _QuietServer(("127.0.0.1", 0), self._handler())
-        self.port = srv.server_address[1]
-        threading.Thread(target=srv.serve_forever, name="fake-issuer", daemon=True).start()
-        self._server = srv
+        self._server = serve(self._handler(), "fake-issuer")
+        self.port = self._server.server_address[1]
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        shut_down(self._server)
+        self._server = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,22 +289,6 @@ def ask(sc: Sidecar, path: str, token: "str | None" = None, headers: "dict | Non
     if token is not None:
         h["Authorization"] = f"Bearer {token}"
     return http_request(sc.base, "/authz", headers=h), rid
-
-
-def log_line(sc: Sidecar, rid: str, timeout: float = 3.0) -> "dict | None":
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in sc.log_path.read_text(errors="replace").splitlines():
-            if rid in line:
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    continue
-                if obj.get("authz.request_id") == rid:
-                    return obj
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.05)
 
 
 def assert_denied(resp, status: int, error: "str | None", scope: "str | None" = None) -> None:
@@ -397,7 +309,7 @@ def assert_unavailable(resp) -> None:
 def check_reason(sc: Sidecar, rid: str, expected: tuple) -> None:
     """The denial's log line names one of the EXPECTED reasons. Called after every assertion on
     the answer itself."""
-    line = log_line(sc, rid)
+    line = log_line(sc, rid, timeout=3.0)
     assert line is not None, f"no log line for request {rid}"
     got = line.get("authz.reason")
     if got in expected:
