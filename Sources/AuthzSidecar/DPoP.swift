@@ -30,8 +30,8 @@ public final class DPoPVerifier: Sendable {
     private let nonceKey: SymmetricKey
     /// `jkt.jti` of proofs seen, each until its `iat` window has passed: sharded, bounded.
     private let replay: [NIOLockedValueBox<TTLCache<String, Bool>>]
-    /// Proof keys already built (a client signs every proof with the same key).
-    private let keys = JSONWebKeyMemo()
+    /// Proof headers already accepted (a client signs every proof with the same key).
+    private let headers = DPoPProof.HeaderMemo()
 
     /// The algorithms, as the challenge's `algs` parameter lists them.
     public let challengeAlgorithms: String
@@ -76,7 +76,7 @@ public final class DPoPVerifier: Sendable {
         }
         let proof: DPoPProof
         do {
-            proof = try DPoPProof(text[...], algorithms: algorithms, keys: keys)
+            proof = try DPoPProof(text[...], algorithms: algorithms, headers: headers)
         } catch {
             return .failure(.proof(error.description))
         }

@@ -34,8 +34,7 @@ public enum JSONValue: Sendable, Hashable {
         return out
     }
 
-    /// Appends the compact JSON text (keys sorted).
-    public func write(into out: inout String) {
+    func write(into out: inout String) {
         switch self {
         case .null: out += "null"
         case .bool(let b): out += b ? "true" : "false"

@@ -61,6 +61,11 @@ public struct CompactJWS: Sendable {
 
     /// The payload as a JSON object (a JWT claims set).
     public func claims() throws(JOSEError) -> [String: JSONValue] {
+        try Self.claims(of: payload)
+    }
+
+    /// A decoded payload as a JSON object.
+    static func claims(of payload: [UInt8]) throws(JOSEError) -> [String: JSONValue] {
         let document: JSONValue
         do {
             document = try JSONParser.parse(payload)

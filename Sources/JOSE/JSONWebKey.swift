@@ -1,7 +1,6 @@
 import Crypto
 import CryptoExtras
 import Introspection
-import NIOConcurrencyHelpers
 
 /// A public JSON Web Key (RFC 7517) the sidecar can verify with: RSA (≥ 2048 bits), EC P-256 and
 /// P-384, or OKP Ed25519. A key with any private member is refused: a public key set that
@@ -236,33 +235,3 @@ public struct JSONWebKeySet: Sendable {
     }
 }
 
-/// Keys built from JWK members, remembered (bounded): a DPoP client signs every proof with the
-/// same key, and building a public key (point validation, RSA parameters) and its thumbprint
-/// costs as much as a fifth of verifying the proof.
-public final class JSONWebKeyMemo: Sendable {
-    private let keys = NIOLockedValueBox<[String: JSONWebKey]>([:])
-    private let capacity: Int
-
-    public init(capacity: Int = 4096) {
-        self.capacity = capacity
-    }
-
-    /// The key for these members; refused members are never remembered.
-    public func key(members: [String: JSONValue]) throws(JOSEError) -> JSONWebKey {
-        // Every member takes part in the name (alg, use, key_ops change what is accepted).
-        var name = ""
-        for (member, value) in members.sorted(by: { $0.key < $1.key }) {
-            name += member
-            name += "="
-            value.write(into: &name)
-            name += ";"
-        }
-        if let known = keys.withLockedValue({ $0[name] }) { return known }
-        let key = try JSONWebKey(members: members)
-        keys.withLockedValue { keys in
-            if keys.count >= capacity { keys.removeAll(keepingCapacity: true) }
-            keys[name] = key
-        }
-        return key
-    }
-}

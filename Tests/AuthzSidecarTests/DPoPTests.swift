@@ -196,6 +196,15 @@ struct DPoPTests {
         var sameJTI = Self.claims(harness.now, token: other)
         sameJTI["jti"] = claims["jti"]
         #expect(await Self.outcome(harness, Self.request(other, proofs: [Self.proof(TestKeys.ed25519, alg: "EdDSA", claims: sameJTI)])) == "allow")
+        // A header accepted before is remembered, but every proof's signature is still checked:
+        // the same header (key A's jwk) over a signature by key B is refused.
+        let forged = Self.proof(signer: TestKeys.p256Other, claims: Self.claims(harness.now, token: token))
+        #expect(forged.split(separator: ".")[0] == proof.split(separator: ".")[0])
+        #expect(await Self.outcome(harness, Self.request(token, proofs: [forged])) == "dpop_proof")
+        let tampered = Self.proof(claims: Self.claims(harness.now, token: token)).split(separator: ".")
+        let otherClaims = Base64URL.encode(Array(TestKeys.json(Self.claims(harness.now, token: token)).utf8))
+        #expect(await Self.outcome(harness, Self.request(token, proofs: [[tampered[0], Substring(otherClaims), tampered[2]].joined(separator: ".")])) == "dpop_proof")
+        #expect(await Self.outcome(harness, Self.request(token, proofs: [Self.proof(claims: Self.claims(harness.now, token: token))])) == "allow")
     }
 
     @Test("answers: DPoP challenges with algs; an allow is no-store with Token-Type DPoP and the key")

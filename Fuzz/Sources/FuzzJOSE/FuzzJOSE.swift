@@ -85,9 +85,14 @@ func fuzzProof(_ bytes: [UInt8]) {
     check(!proof.jti.isEmpty && proof.jti.utf8.count <= DPoPProof.maxJTILength, "jti bounds")
     check(proof.key.fits(proof.algorithm), "the proof's key does not fit its alg")
     checkKey(proof.key)
-    // Parsing is deterministic: the same text gives the same key and claims.
+    // Parsing is deterministic: the same text gives the same key and claims, also when its
+    // header was remembered by the first parse.
     let again = try? DPoPProof(text[...], algorithms: JWSAlgorithm.allCases)
     check(again?.key.thumbprint == proof.key.thumbprint && again?.jti == proof.jti, "parse is not deterministic")
+    let memo = DPoPProof.HeaderMemo()
+    let first = try? DPoPProof(text[...], algorithms: JWSAlgorithm.allCases, headers: memo)
+    let remembered = try? DPoPProof(text[...], algorithms: JWSAlgorithm.allCases, headers: memo)
+    check(first?.jti == proof.jti && remembered?.jti == proof.jti && remembered?.key.thumbprint == proof.key.thumbprint, "the header memo changes the result")
 }
 
 func fuzzBase64(_ bytes: [UInt8]) {
