@@ -152,6 +152,12 @@ public final class Authorizer: Sendable {
     }
 
     private func prepare(_ request: AccessRequest, started: Double) -> Prepared {
+        /// A refusal before validation, logged and counted.
+        func refuse(_ denial: Denial, policy: PolicyConfiguration?, digest: TokenDigest?, dpop: AuthzAnswer.DPoPContext? = nil) -> Prepared {
+            let outcome = Outcome.decision(.deny(denial))
+            record(outcome, policy: policy, digest: digest, request: request, started: started)
+            return .decided(outcome, policy, dpop)
+        }
         // 1. policy
         let evaluation: PolicyEvaluation
         switch select(for: request) {
@@ -164,9 +170,7 @@ public final class Authorizer: Sendable {
         }
         let policy = evaluation.policy
         if request.headerBytes > configuration.server.maxHeaderBytes {
-            let outcome = Outcome.decision(.deny(Denial(.requestTooLarge, detail: "\(request.headerBytes) header bytes")))
-            record(outcome, policy: policy, digest: nil, request: request, started: started)
-            return .decided(outcome, policy, nil)
+            return refuse(Denial(.requestTooLarge, detail: "\(request.headerBytes) header bytes"), policy: policy, digest: nil)
         }
         // 2. token
         switch BearerToken.parse(request.headers.values(.authorization)) {
@@ -175,18 +179,14 @@ public final class Authorizer: Sendable {
             record(outcome, policy: policy, digest: nil, request: request, started: started)
             return .decided(outcome, policy, nil)
         case .malformed(let why):
-            let outcome = Outcome.decision(.deny(Denial(.malformedToken, detail: why)))
-            record(outcome, policy: policy, digest: nil, request: request, started: started)
-            return .decided(outcome, policy, nil)
+            return refuse(Denial(.malformedToken, detail: why), policy: policy, digest: nil)
         case .dpop(let token):
             guard policy.dpop != .disabled else {
-                let outcome = Outcome.decision(.deny(Denial(.dpopUnsupported, detail: "Authorization: DPoP on a policy with dpop: disabled; a DPoP token is never anonymous")))
-                record(outcome, policy: policy, digest: nil, request: request, started: started)
-                return .decided(outcome, policy, nil)
+                return refuse(Denial(.dpopUnsupported, detail: "Authorization: DPoP on a policy with dpop: disabled; a DPoP token is never anonymous"), policy: policy, digest: nil)
             }
             // The proof first: a bad one never costs an AS call (RFC 9449 §4.3, DESIGN.md §10).
             let now = clock.now()
-            var context = AuthzAnswer.DPoPContext(algorithms: dpop.challengeAlgorithms, nonce: policy.dpopNonce ? dpop.currentNonce(now: now) : nil)
+            var context = dpopContext(policy, now: now)
             let digest = TokenDigest(token: token)
             let verified = dpop.verify(
                 // Each header as it came (a comma is no part of a proof: two joined by a proxy fail).
@@ -199,36 +199,31 @@ public final class Authorizer: Sendable {
             case .success(let proof):
                 accepted = proof
             case .failure(.proof(let why)):
-                let outcome = Outcome.decision(.deny(Denial(.dpopProof, detail: why)))
-                record(outcome, policy: policy, digest: digest, request: request, started: started)
-                return .decided(outcome, policy, context)
+                return refuse(Denial(.dpopProof, detail: why), policy: policy, digest: digest, dpop: context)
             case .failure(.nonce(let why)):
                 context.nonce = dpop.currentNonce(now: now)
-                let outcome = Outcome.decision(.deny(Denial(.dpopNonce, detail: why)))
-                record(outcome, policy: policy, digest: digest, request: request, started: started)
-                return .decided(outcome, policy, context)
+                return refuse(Denial(.dpopNonce, detail: why), policy: policy, digest: digest, dpop: context)
             }
             guard let issuer = evaluation.route.issuer(for: token) else {
-                let outcome = Outcome.decision(.deny(Denial(.noIssuer, detail: "no issuer the policy accepts takes this token")))
-                record(outcome, policy: policy, digest: digest, request: request, started: started)
-                return .decided(outcome, policy, context)
+                return refuse(Denial(.noIssuer, detail: "no issuer the policy accepts takes this token"), policy: policy, digest: digest, dpop: context)
             }
             return .introspect(evaluation, issuer, token: token, digest: digest, proof: VerifiedProof(proof: accepted, context: context))
         case .token(let token):
             if policy.dpop == .required {
-                let now = clock.now()
-                let context = AuthzAnswer.DPoPContext(algorithms: dpop.challengeAlgorithms, nonce: policy.dpopNonce ? dpop.currentNonce(now: now) : nil)
-                let outcome = Outcome.decision(.deny(Denial(.dpopRequired, detail: "a Bearer token on a policy with dpop: required")))
-                record(outcome, policy: policy, digest: TokenDigest(token: token), request: request, started: started)
-                return .decided(outcome, policy, context)
+                let context = dpopContext(policy, now: clock.now())
+                return refuse(Denial(.dpopRequired, detail: "a Bearer token on a policy with dpop: required"), policy: policy, digest: TokenDigest(token: token), dpop: context)
             }
+            let digest = TokenDigest(token: token)
             guard let issuer = evaluation.route.issuer(for: token) else {
-                let outcome = Outcome.decision(.deny(Denial(.noIssuer, detail: "no issuer the policy accepts takes this token")))
-                record(outcome, policy: policy, digest: TokenDigest(token: token), request: request, started: started)
-                return .decided(outcome, policy, nil)
+                return refuse(Denial(.noIssuer, detail: "no issuer the policy accepts takes this token"), policy: policy, digest: digest)
             }
-            return .introspect(evaluation, issuer, token: token, digest: TokenDigest(token: token), proof: nil)
+            return .introspect(evaluation, issuer, token: token, digest: digest, proof: nil)
         }
+    }
+
+    /// What an answer to a DPoP request (or one refused for not being one) adds.
+    private func dpopContext(_ policy: PolicyConfiguration, now: Double) -> AuthzAnswer.DPoPContext {
+        AuthzAnswer.DPoPContext(algorithms: dpop.challengeAlgorithms, nonce: policy.dpopNonce ? dpop.currentNonce(now: now) : nil)
     }
 
     /// The URL a DPoP proof's `htu` must name (RFC 9449 §4.3): `public_base_url`, else the
