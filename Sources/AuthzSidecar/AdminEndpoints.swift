@@ -4,6 +4,7 @@ import HTTPTypes
 import Introspection
 import NIOCore
 import Prometheus
+import SharedCache
 
 /// `/healthz`, `/readyz`, `/metrics` and `POST /admin/cache/purge` (DESIGN.md §4), free of any
 /// server framework.
@@ -15,14 +16,33 @@ public struct AdminEndpoints: Sendable {
         public var body: ByteBuffer
     }
 
+    /// An answer now, or one that needs the shared store first (a purge to propagate).
+    public enum Answer: Sendable {
+        case now(Reply)
+        case later(@Sendable () async -> Reply)
+    }
+
     let slot: AuthorizerSlot
     let reachability: ASReachability
     let registry: PrometheusCollectorRegistry?
+    let shared: SharedTokenStore?
 
-    public init(slot: AuthorizerSlot, reachability: ASReachability, registry: PrometheusCollectorRegistry?) {
+    public init(slot: AuthorizerSlot, reachability: ASReachability, registry: PrometheusCollectorRegistry?, shared: SharedTokenStore? = nil) {
         self.slot = slot
         self.reachability = reachability
         self.registry = registry
+        self.shared = shared
+    }
+
+    /// The reply for an admin path, nil when the path is not one; a purge that the shared store
+    /// must propagate answers with this replica's count and `"propagated": false` here (use
+    /// `answer` to wait for the store).
+    public func respond(method: HTTPRequest.Method, path: String, body: ByteBuffer?, authorization: String? = nil, localListener: Bool = true) -> Reply? {
+        switch answer(method: method, path: path, body: body, authorization: authorization, localListener: localListener) {
+        case nil: return nil
+        case .now(let reply)?: return reply
+        case .later?: return Self.json(.ok, #"{"propagated":false}"#)
+        }
     }
 
     /// The reply for an admin path, or nil when the path is not one.
@@ -30,19 +50,36 @@ public struct AdminEndpoints: Sendable {
     ///   - authorization: the request's `Authorization` header, for `server.admin_token_file`.
     ///   - localListener: whether the listener is loopback or unix (DESIGN.md §4): without an
     ///     admin token, `/admin/*` is served only there.
-    public func respond(method: HTTPRequest.Method, path: String, body: ByteBuffer?, authorization: String? = nil, localListener: Bool = true) -> Reply? {
-        let path = path.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? path
-        if path.hasPrefix("/admin/") {
-            if let token = slot.current.configuration.server.adminToken {
-                guard Self.presents(token, authorization) else {
-                    var reply = Self.json(.unauthorized, #"{"error":"the admin endpoints need Authorization: Bearer <the token in server.admin_token_file>"}"#)
-                    reply.headers[.wwwAuthenticate] = #"Bearer realm="authz-sidecar-admin""#
-                    return reply
-                }
-            } else if !localListener {
-                return Self.json(.forbidden, #"{"error":"the admin endpoints are served only on a loopback or unix listener, or with server.admin_token_file"}"#)
-            }
+    public func answer(method: HTTPRequest.Method, path: String, body: ByteBuffer?, authorization: String? = nil, localListener: Bool = true) -> Answer? {
+        if method == .post, path.split(separator: "?", maxSplits: 1).first == "/admin/cache/purge",
+            case .now(let denied)? = guardAdmin(path: "/admin/cache/purge", authorization: authorization, localListener: localListener)
+        {
+            return .now(denied)
         }
+        if method == .post, path.split(separator: "?", maxSplits: 1).first == "/admin/cache/purge" {
+            return purge(body ?? ByteBuffer())
+        }
+        return routeReply(method: method, path: path, body: body, authorization: authorization, localListener: localListener).map { .now($0) }
+    }
+
+    /// nil when the admin request may go on; the refusal otherwise.
+    private func guardAdmin(path: String, authorization: String?, localListener: Bool) -> Answer? {
+        guard path.hasPrefix("/admin/") else { return nil }
+        if let token = slot.current.configuration.server.adminToken {
+            guard Self.presents(token, authorization) else {
+                var reply = Self.json(.unauthorized, #"{"error":"the admin endpoints need Authorization: Bearer <the token in server.admin_token_file>"}"#)
+                reply.headers[.wwwAuthenticate] = #"Bearer realm="authz-sidecar-admin""#
+                return .now(reply)
+            }
+        } else if !localListener {
+            return .now(Self.json(.forbidden, #"{"error":"the admin endpoints are served only on a loopback or unix listener, or with server.admin_token_file"}"#))
+        }
+        return nil
+    }
+
+    private func routeReply(method: HTTPRequest.Method, path: String, body: ByteBuffer?, authorization: String?, localListener: Bool) -> Reply? {
+        let path = path.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? path
+        if case .now(let refusal)? = guardAdmin(path: path, authorization: authorization, localListener: localListener) { return refusal }
         switch (method, path) {
         case (.get, "/healthz"), (.head, "/healthz"):
             return Self.text(.ok, "ok\n")
@@ -63,8 +100,6 @@ public struct AdminEndpoints: Sendable {
             var headers = HTTPFields()
             headers[.contentType] = "text/plain; version=0.0.4; charset=utf-8"
             return Reply(status: .ok, headers: headers, body: ByteBuffer(bytes: registry.emitToBuffer()))
-        case (.post, "/admin/cache/purge"):
-            return purge(body ?? ByteBuffer())
         case (_, "/healthz"), (_, "/readyz"), (_, "/metrics"), (_, "/admin/cache/purge"):
             return Self.text(.methodNotAllowed, "method not allowed\n")
         default:
@@ -74,29 +109,43 @@ public struct AdminEndpoints: Sendable {
 
     static let purgeUsage = #"{"error":"expected {\"token\": …}, {\"token_sha256\": …} or {\"all\": true}"}"#
 
-    /// `{"token": …}`, `{"token_sha256": "<64 hex>"}` or `{"all": true}` → `{"purged": N}`.
-    func purge(_ body: ByteBuffer) -> Reply {
+    /// `{"token": …}`, `{"token_sha256": "<64 hex>"}` or `{"all": true}` → `{"purged": N}`; with a
+    /// shared store, the purge is then tombstoned and broadcast there, and the answer adds
+    /// `"propagated"` and `"receivers"` (DESIGN.md §11).
+    func purge(_ body: ByteBuffer) -> Answer {
         guard let document = try? JSONParser.parse(body.readableBytesView), case .object(let members) = document, members.count == 1 else {
-            return Self.json(.badRequest, Self.purgeUsage)
+            return .now(Self.json(.badRequest, Self.purgeUsage))
         }
         let purged: Int
         // Every issuer's cache: the token may have been validated by any of them.
-        let caches = slot.current.caches
+        let issuers = slot.current.issuers
+        let caches = issuers.map(\.cache)
+        let digest: TokenDigest?
         switch (members["token"], members["token_sha256"], members["all"]) {
         case (.string(let token)?, nil, nil) where !token.isEmpty:
-            let digest = TokenDigest(token: token)
-            purged = caches.filter { $0.purge(digest) }.isEmpty ? 0 : 1
+            digest = TokenDigest(token: token)
         case (nil, .string(let hex)?, nil):
-            guard let digest = TokenDigest(hex: hex.lowercased()) else {
-                return Self.json(.badRequest, #"{"error":"token_sha256 must be 64 hex digits"}"#)
+            guard let parsed = TokenDigest(hex: hex.lowercased()) else {
+                return .now(Self.json(.badRequest, #"{"error":"token_sha256 must be 64 hex digits"}"#))
             }
-            purged = caches.filter { $0.purge(digest) }.isEmpty ? 0 : 1
+            digest = parsed
         case (nil, nil, .bool(true)?):
-            purged = caches.reduce(0) { $0 + $1.purgeAll() }
+            digest = nil
         default:
-            return Self.json(.badRequest, Self.purgeUsage)
+            return .now(Self.json(.badRequest, Self.purgeUsage))
         }
-        return Self.json(.ok, "{\"purged\":\(purged)}")
+        if let digest {
+            purged = caches.filter { $0.purge(digest) }.isEmpty ? 0 : 1
+        } else {
+            purged = caches.reduce(0) { $0 + $1.purgeAll() }
+        }
+        guard let shared else { return .now(Self.json(.ok, "{\"purged\":\(purged)}")) }
+        let names = issuers.filter { $0.configuration.validation.introspects }.map(\.name)
+        return .later {
+            let propagation = digest == nil ? await shared.purgeAll() : await shared.purge(digest!, issuers: names)
+            let tail = propagation.propagated ? #""propagated":true,"receivers":\#(propagation.receivers)"# : #""propagated":false"#
+            return Self.json(.ok, "{\"purged\":\(purged),\(tail)}")
+        }
     }
 
     /// Whether `authorization` is `Bearer <token>`, compared in constant time (over SHA-256

@@ -331,16 +331,34 @@ final class DecisionHandler: ChannelDuplexHandler, RemovableChannelHandler {
             return
         }
         if let admin = routes.admin, let method = HTTPTypes.HTTPRequest.Method(request.method.rawValue),
-            let reply = admin.respond(
+            let answer = admin.answer(
                 method: method, path: target, body: body, authorization: request.headers.first(.authorization), localListener: routes.localOnly
             )
         {
-            var headers = HTTPHeaders(reply.headers.map { ($0.name.rawName, $0.value) })
-            headers.add(name: "Content-Length", value: String(reply.body.readableBytes))
-            write(HTTP1Response(status: reply.status.code, headers: headers, body: reply.body), to: request, context: context)
+            switch answer {
+            case .now(let reply):
+                write(Self.response(reply), to: request, context: context)
+            case .later(let work):
+                // A purge the shared store propagates: answered once the store acknowledged it;
+                // requests behind it on this connection wait, as behind a decision.
+                answering = true
+                let promise = context.eventLoop.makePromise(of: AdminEndpoints.Reply.self)
+                promise.completeWithTask { await work() }
+                promise.futureResult.assumeIsolated().whenSuccess { reply in
+                    self.answering = false
+                    self.write(Self.response(reply), to: request, context: context)
+                    self.serveQueued(context: context)
+                }
+            }
             return
         }
         write(Self.notFound, to: request, context: context)
+    }
+
+    static func response(_ reply: AdminEndpoints.Reply) -> HTTP1Response {
+        var headers = HTTPHeaders(reply.headers.map { ($0.name.rawName, $0.value) })
+        headers.add(name: "Content-Length", value: String(reply.body.readableBytes))
+        return HTTP1Response(status: reply.status.code, headers: headers, body: reply.body)
     }
 
     /// Answers the requests that waited behind an answer from the queue, until one must wait too.

@@ -3,6 +3,7 @@ import JOSE
 import JWTValidation
 import Logging
 import Metrics
+import SharedCache
 
 /// One issuer at run time (DESIGN.md §9): its configuration, its key set (JWT modes) and its own
 /// cache, whose upstream verifies the JWT, introspects the token, or both in that order.
@@ -48,7 +49,8 @@ public final class Issuer: Sendable {
         reachability: ASReachability,
         clock: any EpochClock,
         logger: Logger,
-        metrics factory: any MetricsFactory
+        metrics factory: any MetricsFactory,
+        shared: SharedTokenStore? = nil
     ) -> Issuer {
         var logger = logger
         logger[metadataKey: "authz.issuer"] = "\(configuration.name)"
@@ -83,7 +85,9 @@ public final class Issuer: Sendable {
         } else {
             upstream = introspector
         }
-        let cache = CachingTokenIntrospector(upstream: upstream, configuration: cacheConfiguration, clock: clock, metrics: factory)
+        // Only answers that cost an AS call are shared; a JWT is verified locally in microseconds.
+        let sharedView = configuration.validation.introspects ? shared?.view(issuer: configuration.name) : nil
+        let cache = CachingTokenIntrospector(upstream: upstream, configuration: cacheConfiguration, clock: clock, metrics: factory, shared: sharedView)
         return Issuer(configuration: configuration, cache: cache, keys: keys)
     }
 }

@@ -3,6 +3,7 @@ import JWTValidation
 import Logging
 import Metrics
 import Prometheus
+import SharedCache
 import ServiceLifecycle
 import Synchronization
 import NIOConcurrencyHelpers
@@ -47,6 +48,8 @@ public struct Sidecar: Sendable {
     private let metricsFactory: any MetricsFactory
     /// DPoP replay memory and nonces: one for the life of the process, across reloads.
     private let dpop: DPoPVerifier
+    /// The store shared by replicas (DESIGN.md §11), for the life of the process.
+    public let sharedStore: SharedTokenStore?
 
     /// Wires a configuration to an introspector for the issuer `default` (the HTTP one in
     /// production, a closure in tests) and to the backends of the issuers of `issuers:`, by name.
@@ -59,8 +62,10 @@ public struct Sidecar: Sendable {
         clock: any EpochClock = SystemEpochClock(),
         logger: Logger = Logger(label: "authz"),
         metrics factory: any MetricsFactory = MetricsSystem.factory,
+        sharedStore: SharedTokenStore? = nil,
         onBound: @escaping @Sendable (_ admin: Bool, _ port: Int?) -> Void = { _, _ in }
     ) {
+        self.sharedStore = sharedStore
         self.clock = clock
         self.logger = logger
         self.metricsFactory = factory
@@ -68,7 +73,10 @@ public struct Sidecar: Sendable {
         var backends = backends
         if let introspector { backends["default"] = IssuerBackends(introspector: introspector) }
         let issuers = configuration.allIssuers.map { issuer in
-            Issuer.make(issuer, backends: backends[issuer.name] ?? IssuerBackends(), cache: configuration.cache, reachability: reachability, clock: clock, logger: logger, metrics: factory)
+            Issuer.make(
+                issuer, backends: backends[issuer.name] ?? IssuerBackends(), cache: configuration.cache, reachability: reachability,
+                clock: clock, logger: logger, metrics: factory, shared: sharedStore
+            )
         }
         let dpop = DPoPVerifier(server: configuration.server)
         self.dpop = dpop
@@ -76,7 +84,9 @@ public struct Sidecar: Sendable {
             authorizer: Authorizer(configuration: configuration, issuers: issuers, dpop: dpop, clock: clock, logger: logger, metrics: factory),
             backends: backends
         ))
-        let admin = AdminEndpoints(slot: slot, reachability: reachability, registry: registry)
+        // Purge broadcasts reach the caches of the configuration in force.
+        sharedStore?.attach(caches: { [slot] in slot.current.issuers.map(\.cache) })
+        let admin = AdminEndpoints(slot: slot, reachability: reachability, registry: registry, shared: sharedStore)
         let queue = DecisionQueue()
         let separateAdmin = configuration.server.adminListen
         self.slot = slot
@@ -109,6 +119,7 @@ public struct Sidecar: Sendable {
         var services: [any Service] = [ReachabilityProbe(slot: slot, reachability: reachability), queue, decisionServer]
         if let adminServer { services.append(adminServer) }
         if let grpcService { services.append(grpcService) }
+        if let sharedStore { services.append(SharedStoreSubscription(store: sharedStore)) }
         return services
     }
 
@@ -129,6 +140,9 @@ public struct Sidecar: Sendable {
         if configuration.server != old.authorizer.configuration.server {
             logger.warning("server settings changed: listeners keep their addresses until a restart")
         }
+        if configuration.sharedCache != old.authorizer.configuration.sharedCache {
+            logger.warning("cache.shared changed: the shared store keeps its settings until a restart")
+        }
         var replaced = replaced
         if let introspector { replaced["default"] = IssuerBackends(introspector: introspector) }
         var backends = old.backends
@@ -144,7 +158,7 @@ public struct Sidecar: Sendable {
             }
             return Issuer.make(
                 issuer, backends: backends[issuer.name] ?? IssuerBackends(), cache: configuration.cache,
-                reachability: reachability, clock: clock, logger: logger, metrics: metricsFactory
+                reachability: reachability, clock: clock, logger: logger, metrics: metricsFactory, shared: sharedStore
             )
         }
         let authorizer = Authorizer(configuration: configuration, issuers: issuers, dpop: dpop, clock: clock, logger: logger, metrics: metricsFactory)
@@ -155,6 +169,18 @@ public struct Sidecar: Sendable {
             issuer.cache.purgeAll()
         }
         return kept.count == issuers.count && kept.count == old.authorizer.issuers.count ? .kept : .dropped
+    }
+}
+
+/// Receives the shared store's purge broadcasts (DESIGN.md §11) until shutdown.
+struct SharedStoreSubscription: Service {
+    let store: SharedTokenStore
+
+    func run() async throws {
+        try? await cancelWhenGracefulShutdown {
+            await store.runSubscription()
+        }
+        store.shutdown()
     }
 }
 

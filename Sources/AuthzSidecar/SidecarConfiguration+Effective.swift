@@ -1,4 +1,5 @@
 import Introspection
+import SharedCache
 import JWTValidation
 
 extension SidecarConfiguration {
@@ -61,6 +62,21 @@ extension SidecarConfiguration {
         // null = a tenth of max_entries (printed as null so that the output reads back the same)
         line(2, "max_negative_entries", cache.maxNegativeEntries.map { "\($0)" } ?? "null")
         line(2, "stale_if_error_seconds", "\(cache.staleIfErrorSeconds)")
+        if let shared = sharedCache {
+            out += "  shared:\n"
+            // The password never appears (a password in the url prints as <redacted>).
+            line(4, "url", quoted(shared.endpoint.redacted))
+            line(4, "password_file", quoted(shared.passwordFile))
+            line(4, "ca_file", quoted(shared.caFile))
+            line(4, "verify_tls", "\(shared.verifyTLS)")
+            line(4, "insecure", "\(shared.insecure)")
+            line(4, "key_prefix", quoted(shared.keyPrefix))
+            line(4, "timeout_ms", "\(shared.timeoutMilliseconds)")
+            line(4, "seal_key_file", quoted(shared.sealKeyFile))
+            line(4, "degraded_ttl_seconds", "\(shared.degradedTTLSeconds)")
+        } else {
+            line(2, "shared", "null")
+        }
         out += "logging:\n"
         line(2, "level", logging.level)
         line(2, "format", logging.format.rawValue)

@@ -1,5 +1,6 @@
 import Foundation
 import Introspection
+import SharedCache
 import JOSE
 import JWTValidation
 import Yams
@@ -42,11 +43,12 @@ extension SidecarConfiguration {
             problems.add("introspection.expected_issuer", "is required for response_format: jwt (the signed answers' iss, and where the keys are discovered)")
         }
         let issuers = readIssuers(issuersNode, reserveDefault: introspection != nil, problems: problems)
-        let cache = readCache(top.mapping("cache"))
+        let (cache, sharedCache) = readCache(top.mapping("cache"), environment: environment, problems: problems)
         let policies = readPolicies(top.node("policies"), problems: problems)
         let logging = readLogging(top.mapping("logging"))
         top.reportUnknownKeys()
-        let configuration = SidecarConfiguration(server: server, introspection: introspection, issuers: issuers, cache: cache, policies: policies, logging: logging)
+        var configuration = SidecarConfiguration(server: server, introspection: introspection, issuers: issuers, cache: cache, policies: policies, logging: logging)
+        configuration.sharedCache = sharedCache
         validateRouting(configuration, problems: problems)
         guard problems.messages.isEmpty else {
             throw ConfigurationError(problems: problems.messages)
@@ -346,9 +348,13 @@ extension SidecarConfiguration {
         }
     }
 
-    private static func readCache(_ reader: MappingReader?) -> CacheConfiguration {
+    /// The environment variable that may hold the shared store's password.
+    public static let sharedCachePasswordEnvironmentVariable = "AUTHZ_CACHE_SHARED_PASSWORD"
+
+    private static func readCache(_ reader: MappingReader?, environment: [String: String], problems: ConfigProblems) -> (CacheConfiguration, SharedCacheConfiguration?) {
         var cache = CacheConfiguration()
-        guard let reader else { return cache }
+        guard let reader else { return (cache, nil) }
+        let shared = reader.mapping("shared").flatMap { readSharedCache($0, environment: environment, problems: problems) }
         cache.ttlSeconds = reader.number("ttl_seconds", default: 30, range: 0...86_400)
         cache.negativeTTLSeconds = reader.number("negative_ttl_seconds", default: 5, range: 0...3_600)
         cache.maxEntries = reader.int("max_entries", default: 100_000, range: 1...50_000_000)
@@ -357,7 +363,65 @@ extension SidecarConfiguration {
             cache.maxNegativeEntries = reader.int("max_negative_entries", default: cache.effectiveMaxNegativeEntries, range: 1...50_000_000)
         }
         reader.reportUnknownKeys()
-        return cache
+        return (cache, shared)
+    }
+
+    /// `cache.shared` (DESIGN.md §11); nil when `url` is null or absent (off).
+    private static func readSharedCache(_ reader: MappingReader, environment: [String: String], problems: ConfigProblems) -> SharedCacheConfiguration? {
+        let url = reader.string("url")
+        let passwordFile = reader.string("password_file")
+        let caFile = reader.string("ca_file")
+        let verifyTLS = reader.bool("verify_tls", default: true)
+        let insecure = reader.bool("insecure", default: false)
+        let keyPrefix = reader.string("key_prefix", default: "authz:")
+        let timeout = reader.int("timeout_ms", default: 50, range: 1...10_000)
+        let sealKeyFile = reader.string("seal_key_file")
+        let degraded = reader.number("degraded_ttl_seconds", default: 5, range: 0...3_600)
+        reader.reportUnknownKeys()
+        guard let url else { return nil }
+        var endpoint: StoreEndpoint
+        switch StoreEndpoint.parse(url) {
+        case .success(let parsed): endpoint = parsed
+        case .failure(let problem):
+            problems.add(reader.key("url"), problem.reason)
+            return nil
+        }
+        if keyPrefix.isEmpty || keyPrefix.utf8.count > 64 || keyPrefix.contains(where: { $0.isWhitespace }) {
+            problems.add(reader.key("key_prefix"), "must be 1 to 64 characters without spaces")
+        }
+        if !verifyTLS, !insecure {
+            problems.add(reader.key("verify_tls"), "false requires insecure: true")
+        }
+        if !endpoint.tls, !Loopback.isLoopback(host: endpoint.host), !insecure {
+            problems.add(reader.key("url"), "plain redis:// to a non-loopback host requires insecure: true (use rediss://)")
+        }
+        if let passwordFile {
+            if endpoint.password != nil {
+                problems.add(reader.key("password_file"), "the url already holds a password: set one or the other")
+            } else if let text = try? String(contentsOfFile: passwordFile, encoding: .utf8) {
+                endpoint.password = Secret(text.trimmingCharacters(in: .newlines))
+            } else {
+                problems.add(reader.key("password_file"), "cannot read the file it names")
+            }
+        } else if endpoint.password == nil, let fromEnvironment = environment[sharedCachePasswordEnvironmentVariable], !fromEnvironment.isEmpty {
+            endpoint.password = Secret(fromEnvironment)
+        }
+        guard let sealKeyFile else {
+            problems.add(reader.key("seal_key_file"), "is required with url: 32 bytes (raw, 64 hex digits or base64), e.g. head -c 32 /dev/urandom | base64 > seal.key")
+            return nil
+        }
+        guard let contents = FileManager.default.contents(atPath: sealKeyFile) else {
+            problems.add(reader.key("seal_key_file"), "cannot read the file it names")
+            return nil
+        }
+        guard let sealKey = SealKey.parse(Array(contents)) else {
+            problems.add(reader.key("seal_key_file"), "must hold 32 bytes: raw, as 64 hex digits, or as base64")
+            return nil
+        }
+        return SharedCacheConfiguration(
+            endpoint: endpoint, sealKey: sealKey, sealKeyFile: sealKeyFile, passwordFile: passwordFile, caFile: caFile,
+            verifyTLS: verifyTLS, insecure: insecure, keyPrefix: keyPrefix, timeoutMilliseconds: timeout, degradedTTLSeconds: degraded
+        )
     }
 
     private static func readLogging(_ reader: MappingReader?) -> LoggingConfiguration {

@@ -1,6 +1,7 @@
 import JOSE
 import JWTValidation
 import Introspection
+import SharedCache
 
 /// Where a listener binds: `host:port` or `unix:/path`.
 public enum ListenAddress: Sendable, Equatable, CustomStringConvertible {
@@ -101,6 +102,8 @@ public struct SidecarConfiguration: Sendable, Equatable {
     /// `issuers:`, without `default`.
     public var issuers: [IssuerConfiguration]
     public var cache: CacheConfiguration
+    /// `cache.shared`: the store replicas share (DESIGN.md §11); nil = off.
+    public var sharedCache: SharedCacheConfiguration?
     public var policies: [PolicyConfiguration]
     public var logging: LoggingConfiguration
 

@@ -7,6 +7,7 @@ import Logging
 import Metrics
 import Prometheus
 import ServiceLifecycle
+import SharedCache
 
 /// `authz-sidecar serve`: runs the service until SIGTERM or SIGINT.
 struct Serve: AsyncParsableCommand {
@@ -40,7 +41,21 @@ struct Serve: AsyncParsableCommand {
         for address in [configuration.server.listen, configuration.server.adminListen].compactMap({ $0 }) {
             if case .unix(let path) = address { try? FileManager.default.removeItem(atPath: path) }
         }
-        let sidecar = Sidecar(configuration: configuration, introspector: nil, backends: connections.backends, registry: registry, logger: logger)
+        // The store shared by replicas (DESIGN.md §11), when configured; it connects on demand.
+        let sharedStore: SharedTokenStore?
+        if let shared = configuration.sharedCache {
+            do {
+                sharedStore = try SharedTokenStore(configuration: shared, logger: logger)
+            } catch {
+                FileHandle.standardError.write(Data("cache.shared: cannot set up TLS for the store: \(error)\n".utf8))
+                throw ExitCode(1)
+            }
+        } else {
+            sharedStore = nil
+        }
+        let sidecar = Sidecar(
+            configuration: configuration, introspector: nil, backends: connections.backends, registry: registry, logger: logger, sharedStore: sharedStore
+        )
         logger.notice(
             "starting",
             metadata: [
@@ -50,6 +65,7 @@ struct Serve: AsyncParsableCommand {
                 "authz.endpoint": "\(configuration.introspection?.endpoint ?? "none")",
                 "authz.issuers": "\(configuration.allIssuers.map { "\($0.name):\($0.validation.rawValue)" }.joined(separator: ","))",
                 "authz.policies": "\(configuration.policies.map(\.name).joined(separator: ","))",
+                "authz.shared": "\(configuration.sharedCache?.endpoint.redacted ?? "off")",
             ]
         )
         let group = ServiceGroup(

@@ -19,6 +19,8 @@ public final class CachingTokenIntrospector: TokenIntrospector {
     /// Where an answer came from, for logs and metrics.
     public enum Source: String, Sendable {
         case hit, miss, coalesced, stale
+        /// A local miss answered by the store shared by replicas (DESIGN.md §11).
+        case shared
     }
 
     /// An answer and its source.
@@ -76,6 +78,11 @@ public final class CachingTokenIntrospector: TokenIntrospector {
             return active || inactive
         }
 
+        mutating func capLifetimes(until: Double) {
+            entries.capLifetimes(until: until)
+            negatives.capLifetimes(until: until)
+        }
+
         mutating func removeAll() -> Int {
             for flight in flights.values { flight.purged.store(true, ordering: .releasing) }
             flights = [:]
@@ -97,16 +104,21 @@ public final class CachingTokenIntrospector: TokenIntrospector {
     private let clock: any EpochClock
     private let shards: [Shard]
     private let metrics: CacheMetrics
+    /// The store shared by replicas, asked on a local miss before the upstream.
+    private let shared: (any SharedAnswerStore)?
 
     /// - Parameters:
     ///   - shardCount: independent locks; a power of two near the core count is plenty.
+    ///   - shared: the store shared by replicas (DESIGN.md §11), nil for none.
     public init(
         upstream: any TokenIntrospector,
         configuration: CacheConfiguration,
         clock: any EpochClock = SystemEpochClock(),
         shardCount: Int = 16,
-        metrics factory: any MetricsFactory = MetricsSystem.factory
+        metrics factory: any MetricsFactory = MetricsSystem.factory,
+        shared: (any SharedAnswerStore)? = nil
     ) {
+        self.shared = shared
         self.upstream = upstream
         self.synchronousUpstream = upstream as? any SynchronousTokenIntrospector
         self.configuration = configuration
@@ -141,7 +153,8 @@ public final class CachingTokenIntrospector: TokenIntrospector {
     /// token is not duplicated: its waiters get its answer.
     public func lookupWithoutSuspending(token: String, digest: TokenDigest) -> Answer? {
         if let info = cached(digest) { return Answer(info: info, source: .hit) }
-        guard let synchronousUpstream else { return nil }
+        // (With a shared store the miss goes through `lookup`, which asks the store first.)
+        guard let synchronousUpstream, shared == nil else { return nil }
         let shard = shards[digest.shard(of: shards.count)]
         guard shard.state.withLockedValue({ $0.flights[digest] == nil }) else { return nil }
         guard let info = synchronousUpstream.introspectWithoutSuspending(token) else { return nil }
@@ -222,6 +235,17 @@ public final class CachingTokenIntrospector: TokenIntrospector {
     }
 
     private func callUpstream(token: String, digest: TokenDigest, shard: Shard, flight: Flight, stale: TokenInfo?) async -> Outcome {
+        var sharedEpoch: SharedEpoch?
+        if let shared {
+            switch await shared.load(digest) {
+            case .hit(let info, let until):
+                if let answer = adoptShared(info, until: until, digest: digest, shard: shard, flight: flight) { return answer }
+            case .miss(let epoch):
+                sharedEpoch = epoch
+            case .unavailable:
+                break
+            }
+        }
         let result: Result<TokenInfo, IntrospectionError>
         do throws(IntrospectionError) {
             result = .success(try await upstream.introspect(token))
@@ -230,6 +254,10 @@ public final class CachingTokenIntrospector: TokenIntrospector {
         }
         let now = clock.now()
         let uptime = clock.uptime()
+        if let shared, let sharedEpoch, case .success(let info) = result, !flight.isPurged {
+            let (fresh, _) = lifetime(of: info, now: now, uptime: uptime)
+            if fresh > uptime { shared.save(digest, info: info, until: now + (fresh - uptime), epoch: sharedEpoch) }
+        }
         return shard.state.withLockedValue { state -> Outcome in
             // A purge took this call out of the table (and may have let a newer one in): its
             // answer is not cached, and the newer call's entry is not touched.
@@ -256,15 +284,50 @@ public final class CachingTokenIntrospector: TokenIntrospector {
         }
     }
 
+    /// An answer another replica stored: cached here (never longer than this replica's own
+    /// lifetime for it, nor past the time the storing replica gave) and returned; nil when it is
+    /// not usable (expired meanwhile) and the AS must be asked.
+    private func adoptShared(_ info: TokenInfo, until: Double, digest: TokenDigest, shard: Shard, flight: Flight) -> Outcome? {
+        let now = clock.now()
+        let uptime = clock.uptime()
+        if info.active, info.hasExpired(at: now) { return nil }
+        let (ownFresh, _) = lifetime(of: info, now: now, uptime: uptime)
+        let fresh = min(ownFresh, uptime + (until - now))
+        guard fresh > uptime else { return nil }
+        shard.state.withLockedValue { state in
+            let purged = flight.isPurged
+            if !purged { state.flights[digest] = nil }
+            guard !purged else { return }
+            let evicted = info.active
+                ? state.entries.insert(digest, value: info, freshUntil: fresh, staleUntil: fresh, now: uptime)
+                : state.negatives.insert(digest, value: info, freshUntil: fresh, staleUntil: fresh, now: uptime)
+            if evicted > 0 { metrics.evictions.increment(by: evicted) }
+            if info.active { state.negatives.remove(digest) } else { state.entries.remove(digest) }
+        }
+        return .success(Answer(info: info, source: .shared))
+    }
+
     /// When an answer stops being fresh, and when it stops being usable even as stale, on the
-    /// monotonic clock: `min(ttl, exp − now)` from `uptime`.
+    /// monotonic clock: `min(ttl, exp − now)` from `uptime`; while the shared store's purge
+    /// broadcasts cannot be received, at most its degraded lifetime.
     private func lifetime(of info: TokenInfo, now: Double, uptime: Double) -> (fresh: Double, stale: Double) {
         guard configuration.ttlSeconds > 0, configuration.maxEntries > 0 else { return (uptime, uptime) }
-        guard info.active else { return (uptime + configuration.negativeTTLSeconds, uptime + configuration.negativeTTLSeconds) }
-        let untilExp = info.exp.map { uptime + (Double($0) - now) } ?? .infinity
+        let cap = shared?.localLifetimeCap.map { uptime + $0 } ?? .infinity
+        guard info.active else {
+            let until = min(uptime + configuration.negativeTTLSeconds, cap)
+            return (until, until)
+        }
+        let untilExp = min(info.exp.map { uptime + (Double($0) - now) } ?? .infinity, cap)
         let fresh = min(uptime + configuration.ttlSeconds, untilExp)
         let stale = min(fresh + max(0, configuration.staleIfErrorSeconds), untilExp)
         return (fresh, stale)
+    }
+
+    /// Shortens every local entry's lifetime to at most `seconds` from now: the shared store's
+    /// purge broadcasts can no longer be received (DESIGN.md §11).
+    public func capLifetimes(seconds: Double) {
+        let until = clock.uptime() + seconds
+        for shard in shards { shard.state.withLockedValue { $0.capLifetimes(until: until) } }
     }
 
     private func staleUsable(_ info: TokenInfo, now: Double) -> Bool {

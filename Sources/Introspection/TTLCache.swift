@@ -90,6 +90,15 @@ public struct TTLCache<Key: Hashable, Value> {
         return true
     }
 
+    /// Shortens every entry's lifetime to end by `until` at the latest (entries that end sooner
+    /// keep their own): the shared cache's degraded mode. O(entries), run once per outage.
+    public mutating func capLifetimes(until: Double) {
+        for slot in index.values {
+            slots[Int(slot)].freshUntil = min(slots[Int(slot)].freshUntil, until)
+            slots[Int(slot)].staleUntil = min(slots[Int(slot)].staleUntil, until)
+        }
+    }
+
     /// Empties the cache and returns how many entries it held.
     @discardableResult
     public mutating func removeAll() -> Int {
