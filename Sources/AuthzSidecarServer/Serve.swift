@@ -45,7 +45,9 @@ struct Serve: AsyncParsableCommand {
         let sharedStore: SharedTokenStore?
         if let shared = configuration.sharedCache {
             do {
-                sharedStore = try SharedTokenStore(configuration: shared, logger: logger)
+                sharedStore = try SharedTokenStore(
+                    configuration: shared, answerLifetimeSeconds: configuration.cache.ttlSeconds + configuration.cache.staleIfErrorSeconds, logger: logger
+                )
             } catch {
                 FileHandle.standardError.write(Data("cache.shared: cannot set up TLS for the store: \(error)\n".utf8))
                 throw ExitCode(1)

@@ -72,6 +72,8 @@ public final class SharedTokenStore: Sendable {
     private let subscribed = Atomic<Bool>(false)
     /// The caches a broadcast purges (those of the configuration in force).
     private let caches = NIOLockedValueBox<@Sendable () -> [CachingTokenIntrospector]>({ [] })
+    /// Tokens purged lately, whose stored entries are not used (see `PurgeMemory`).
+    private let purges: NIOLockedValueBox<PurgeMemory>
 
     /// How long a purged token's tombstone stays: longer than any AS call in flight.
     static let tombstoneSeconds = 30
@@ -82,8 +84,13 @@ public final class SharedTokenStore: Sendable {
     public var epochKey: String { configuration.keyPrefix + "epoch" }
     public var channel: String { configuration.keyPrefix + "purge" }
 
-    public init(configuration: SharedCacheConfiguration, logger: Logger, metrics factory: any MetricsFactory = MetricsSystem.factory) throws {
+    /// - Parameter answerLifetimeSeconds: the longest a stored answer is used after the AS gave
+    ///   it (`cache.ttl_seconds`): how long a purged token's stored entries are distrusted here.
+    public init(
+        configuration: SharedCacheConfiguration, answerLifetimeSeconds: Double = 30, logger: Logger, metrics factory: any MetricsFactory = MetricsSystem.factory
+    ) throws {
         self.configuration = configuration
+        self.purges = NIOLockedValueBox(PurgeMemory(lifetimeSeconds: answerLifetimeSeconds))
         let tls = try configuration.makeTLSContext()
         self.tls = tls
         self.client = RedisClient(endpoint: configuration.endpoint, tls: tls, timeout: .milliseconds(Int64(configuration.timeoutMilliseconds)))
@@ -138,6 +145,13 @@ public final class SharedTokenStore: Sendable {
             metrics.misses.increment()
             return .miss(epoch)
         }
+        guard !purges.withLockedValue({ $0.distrusts(digest) }) else {
+            // Purged lately: whatever the store holds may be an answer from before the purge put
+            // back over its tombstone (a writer needs no seal key to replay an entry). Every
+            // answer from before the purge is past its `until` once this memory forgets it.
+            metrics.misses.increment()
+            return .miss(epoch)
+        }
         guard let entry = SealedEntry.open(stored, key: configuration.sealKey, storeKey: key) else {
             // Another seal key, garbage or a forgery: a miss; never replaced or deleted here.
             metrics.unopenable.increment()
@@ -176,6 +190,7 @@ public final class SharedTokenStore: Sendable {
 
     /// Tombstones the token's entries of `issuers` and broadcasts the purge.
     public func purge(_ digest: TokenDigest, issuers: [String]) async -> PurgePropagation {
+        purges.withLockedValue { $0.remember(digest) }
         var commands = issuers.map { issuer in
             RESPCommand("SET", storeKey(issuer: issuer, digest: digest), "tombstone", "PX", String(Self.tombstoneSeconds * 1000))
         }
@@ -185,7 +200,8 @@ public final class SharedTokenStore: Sendable {
 
     /// Moves to a new epoch (every entry stored so far is ignored) and broadcasts the purge.
     public func purgeAll() async -> PurgePropagation {
-        await run([RESPCommand("INCR", epochKey), RESPCommand("PUBLISH", channel, "a \(Self.nowMilliseconds())")])
+        purges.withLockedValue { $0.rememberAll() }
+        return await run([RESPCommand("INCR", epochKey), RESPCommand("PUBLISH", channel, "a \(Self.nowMilliseconds())")])
     }
 
     /// Sends the commands in order (the broadcast last, after the store acknowledged the rest).
@@ -277,8 +293,10 @@ public final class SharedTokenStore: Sendable {
         switch (fields.first, fields.count) {
         case ("d"?, 3):
             guard let digest = TokenDigest(hex: String(fields[1])) else { return }
+            purges.withLockedValue { $0.remember(digest) }
             for cache in caches { cache.purge(digest) }
         case ("a"?, 2):
+            purges.withLockedValue { $0.rememberAll() }
             for cache in caches { cache.purgeAll() }
         default:
             problems.log("broadcast", "ignored a malformed purge broadcast", cause: "protocol")
@@ -355,6 +373,44 @@ struct IssuerView: SharedAnswerStore {
     }
 
     var localLifetimeCap: Double? { store.localLifetimeCap }
+}
+
+/// The tokens purged in the last `lifetimeSeconds`: their stored entries are not used, so that an
+/// entry from before a purge, written back over its tombstone, is not served. Bounded: past
+/// `capacity` purges in the window, every stored entry is distrusted until the window ends.
+struct PurgeMemory: Sendable {
+    let lifetimeNanoseconds: UInt64
+    var digests: [TokenDigest: UInt64] = [:]
+    var allUntil: UInt64 = 0
+    static let capacity = 10_000
+
+    init(lifetimeSeconds: Double) {
+        lifetimeNanoseconds = UInt64(max(0, lifetimeSeconds) * 1e9) + 1_000_000_000
+    }
+
+    mutating func remember(_ digest: TokenDigest) {
+        let now = DispatchTime.now().uptimeNanoseconds
+        if digests.count >= Self.capacity { digests = digests.filter { $0.value > now } }
+        if digests.count >= Self.capacity {
+            rememberAll()
+        } else {
+            digests[digest] = now + lifetimeNanoseconds
+        }
+    }
+
+    mutating func rememberAll() {
+        allUntil = DispatchTime.now().uptimeNanoseconds + lifetimeNanoseconds
+        digests = [:]
+    }
+
+    mutating func distrusts(_ digest: TokenDigest) -> Bool {
+        let now = DispatchTime.now().uptimeNanoseconds
+        if now < allUntil { return true }
+        guard let until = digests[digest] else { return false }
+        if now < until { return true }
+        digests[digest] = nil
+        return false
+    }
 }
 
 /// What one subscription attempt has heard.

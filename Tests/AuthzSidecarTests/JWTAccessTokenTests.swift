@@ -353,8 +353,8 @@ struct JWTAccessTokenTests {
         #expect(Self.describe(await harness.decide(none, path: "/both/x")) == "jwt_invalid")
         #expect(harness.introspector.count == 3)
         // Purge reaches the JWT issuer's cache.
-        let purged = harness.sidecar.admin.purge(ByteBuffer(string: #"{"all":true}"#))
-        #expect(purged.status == .ok)
+        let purged = harness.sidecar.admin.respond(method: .post, path: "/admin/cache/purge", body: ByteBuffer(string: #"{"all":true}"#))
+        #expect(purged?.status == .ok)
         #expect(harness.sidecar.authorizer.issuers.allSatisfy { $0.cache.count == 0 })
     }
 
