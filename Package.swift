@@ -14,6 +14,7 @@ let package = Package(
         .library(name: "Introspection", targets: ["Introspection"]),
         .library(name: "AuthzSidecar", targets: ["AuthzSidecar"]),
         .library(name: "JOSE", targets: ["JOSE"]),
+        .library(name: "SharedCache", targets: ["SharedCache"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),

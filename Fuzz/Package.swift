@@ -8,6 +8,7 @@ import PackageDescription
 let sidecar = Target.Dependency.product(name: "AuthzSidecar", package: "authz-sidecar")
 let introspection = Target.Dependency.product(name: "Introspection", package: "authz-sidecar")
 let jose = Target.Dependency.product(name: "JOSE", package: "authz-sidecar")
+let sharedCache = Target.Dependency.product(name: "SharedCache", package: "authz-sidecar")
 
 let package = Package(
     name: "authz-sidecar-fuzz",
@@ -23,6 +24,7 @@ let package = Package(
         .executableTarget(name: "FuzzIntrospectionResponse", dependencies: [introspection]),
         .executableTarget(name: "FuzzConfig", dependencies: [sidecar]),
         .executableTarget(name: "FuzzJOSE", dependencies: [jose, introspection]),
+        .executableTarget(name: "FuzzRESP", dependencies: [sharedCache, introspection, .product(name: "NIOCore", package: "swift-nio")]),
         .executableTarget(name: "FuzzPaths", dependencies: [sidecar, introspection, .product(name: "NIOHTTP1", package: "swift-nio")]),
     ]
 )

@@ -2,7 +2,7 @@
 # scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...] - build the libFuzzer targets in Fuzz/ and run
 # each for SECONDS_PER_TARGET (default 600), one after another on one core.
 #
-#   TARGET: FuzzBearer FuzzCertificate FuzzXFCC FuzzIntrospectionResponse FuzzPaths FuzzJOSE (the
+#   TARGET: FuzzBearer FuzzCertificate FuzzXFCC FuzzIntrospectionResponse FuzzPaths FuzzJOSE FuzzRESP (the
 #           default: the parsers of untrusted input), FuzzConfig (operator YAML), or "all" for
 #           the seven.
 #
@@ -30,7 +30,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SCRATCH=${FUZZ_SCRATCH:-$ROOT/.build-fuzz}
 SECONDS_PER_TARGET=${1:-600}
 [[ $# -gt 0 ]] && shift
-DEFAULT_TARGETS=(FuzzBearer FuzzCertificate FuzzXFCC FuzzIntrospectionResponse FuzzPaths FuzzJOSE)
+DEFAULT_TARGETS=(FuzzBearer FuzzCertificate FuzzXFCC FuzzIntrospectionResponse FuzzPaths FuzzJOSE FuzzRESP)
 ALL_TARGETS=("${DEFAULT_TARGETS[@]}" FuzzConfig)
 if [[ $# -eq 0 ]]; then
     TARGETS=("${DEFAULT_TARGETS[@]}")
@@ -51,6 +51,7 @@ max_len() {
         FuzzConfig) echo 16384 ;;
         FuzzPaths) echo 4096 ;;
         FuzzJOSE) echo 12288 ;;                  # a JWT within BearerToken.maxLength, small key sets
+        FuzzRESP) echo 8192 ;;                   # the fuzz parser's bounds are 4 KiB bulk, 64 elements
         *) echo "unknown target $1 (known: ${ALL_TARGETS[*]})" >&2; return 1 ;;
     esac
 }

@@ -28,13 +28,19 @@ public final class RedisClient: Sendable {
     let timeout: TimeAmount
     private let slots: [Slot]
     private let next = Atomic<Int>(0)
+    private let backoff: TimeAmount
 
     static let maxBackoff = TimeAmount.seconds(5)
 
     /// - Parameters:
     ///   - connections: pipelined connections in the pool (one per event loop is plenty).
-    public init(endpoint: StoreEndpoint, tls: NIOSSLContext?, timeout: TimeAmount, connections: Int = 2, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) {
+    ///   - backoff: the wait after a first failure, doubling per failure up to `maxBackoff`.
+    public init(
+        endpoint: StoreEndpoint, tls: NIOSSLContext?, timeout: TimeAmount, connections: Int = 2, backoff: TimeAmount = .milliseconds(100),
+        group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
+    ) {
         self.endpoint = endpoint
+        self.backoff = backoff
         self.tls = tls
         self.timeout = timeout
         self.group = group
@@ -65,7 +71,7 @@ public final class RedisClient: Sendable {
             if let connection = used.withLockedValue({ $0 }) {
                 self.retire(connection, from: slot)
             } else {
-                slot.state.withLockedValue { Self.failed(&$0) }
+                slot.state.withLockedValue { self.failed(&$0) }
             }
             promise.fail(StoreFailure.timeout)
         }
@@ -115,7 +121,7 @@ public final class RedisClient: Sendable {
                     state.connecting = nil
                     switch result {
                     case .success(let connection): state.connection = connection
-                    case .failure: Self.failed(&state)
+                    case .failure: self.failed(&state)
                     }
                 }
                 promise.completeWith(result)
@@ -124,11 +130,11 @@ public final class RedisClient: Sendable {
         }
     }
 
-    /// A failure: the next attempt waits 100 ms, doubling per failure up to `maxBackoff`.
-    private static func failed(_ state: inout Slot.State) {
+    /// A failure: the next attempt waits `backoff`, doubling per failure up to `maxBackoff`.
+    private func failed(_ state: inout Slot.State) {
         state.failures += 1
-        let backoff = min(TimeAmount.milliseconds(100) * (1 << Int64(min(state.failures - 1, 10))), maxBackoff)
-        state.retryAt = .now() + backoff
+        let wait = min(backoff * (1 << Int64(min(state.failures - 1, 10))), max(backoff, Self.maxBackoff))
+        state.retryAt = .now() + wait
     }
 
     /// Closes a connection that can no longer be trusted (a command timed out on it); the next
@@ -136,7 +142,7 @@ public final class RedisClient: Sendable {
     private func retire(_ connection: RedisConnection, from slot: Slot) {
         slot.state.withLockedValue { state in
             if state.connection === connection { state.connection = nil }
-            Self.failed(&state)
+            failed(&state)
         }
         connection.close()
     }
