@@ -57,7 +57,7 @@ swift --version 2>&1 | head -1
 PYTEST=()
 if [ "$RUN_INTEGRATION" = yes ]; then
   if ! ensure_packages nginx libnginx-mod-http-headers-more-filter glewlwyd sqlite3 jq curl openssl \
-       ca-certificates python3 prometheus; then
+       ca-certificates python3 prometheus redis-server redis-tools; then
     record "prerequisites (apt)" 1; finish
   fi
   # Python modules the integration suite imports: pytest, cryptography (the JWT tests forge

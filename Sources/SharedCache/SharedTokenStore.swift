@@ -145,18 +145,18 @@ public final class SharedTokenStore: Sendable {
             metrics.misses.increment()
             return .miss(epoch)
         }
-        guard !purges.withLockedValue({ $0.distrusts(digest) }) else {
-            // Purged lately: whatever the store holds may be an answer from before the purge put
-            // back over its tombstone (a writer needs no seal key to replay an entry). Every
-            // answer from before the purge is past its `until` once this memory forgets it.
-            metrics.misses.increment()
-            return .miss(epoch)
-        }
         guard let entry = SealedEntry.open(stored, key: configuration.sealKey, storeKey: key) else {
             // Another seal key, garbage or a forgery: a miss; never replaced or deleted here.
             metrics.unopenable.increment()
             metrics.misses.increment()
             problems.log("unopenable", "an entry in the shared store does not open with this seal key (another key, corrupted or forged): ignored")
+            return .miss(epoch)
+        }
+        guard !purges.withLockedValue({ $0.distrusts(digest) }) else {
+            // Purged lately: whatever the store holds may be an answer from before the purge put
+            // back over its tombstone (a writer needs no seal key to replay an entry). Every
+            // answer from before the purge is past its `until` once this memory forgets it.
+            metrics.misses.increment()
             return .miss(epoch)
         }
         if entry.epoch != epoch {
@@ -200,7 +200,6 @@ public final class SharedTokenStore: Sendable {
 
     /// Moves to a new epoch (every entry stored so far is ignored) and broadcasts the purge.
     public func purgeAll() async -> PurgePropagation {
-        purges.withLockedValue { $0.rememberAll() }
         return await run([RESPCommand("INCR", epochKey), RESPCommand("PUBLISH", channel, "a \(Self.nowMilliseconds())")])
     }
 
@@ -296,7 +295,6 @@ public final class SharedTokenStore: Sendable {
             purges.withLockedValue { $0.remember(digest) }
             for cache in caches { cache.purge(digest) }
         case ("a"?, 2):
-            purges.withLockedValue { $0.rememberAll() }
             for cache in caches { cache.purgeAll() }
         default:
             problems.log("broadcast", "ignored a malformed purge broadcast", cause: "protocol")
@@ -377,7 +375,9 @@ struct IssuerView: SharedAnswerStore {
 
 /// The tokens purged in the last `lifetimeSeconds`: their stored entries are not used, so that an
 /// entry from before a purge, written back over its tombstone, is not served. Bounded: past
-/// `capacity` purges in the window, every stored entry is distrusted until the window ends.
+/// `capacity` purges in the window, every stored entry is distrusted until the window ends. (A
+/// purge of everything relies on the epoch alone: distrusting every entry for a whole answer
+/// lifetime would turn sharing off after each one.)
 struct PurgeMemory: Sendable {
     let lifetimeNanoseconds: UInt64
     var digests: [TokenDigest: UInt64] = [:]
