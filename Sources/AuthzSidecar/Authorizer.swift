@@ -3,6 +3,7 @@ import Introspection
 import JWTValidation
 import Logging
 import Metrics
+import SharedCache
 
 /// Token → introspection (cached) → policy → decision, logged and counted (DESIGN.md §5, §8).
 public final class Authorizer: Sendable {
@@ -23,6 +24,9 @@ public final class Authorizer: Sendable {
     let allowAnswers = AllowAnswerMemo()
     /// DPoP proofs: replay memory and nonces (shared by the generations of a running sidecar).
     let dpop: DPoPVerifier
+    /// The store shared by replicas: a proof is consumed there too, so that it is refused at
+    /// every replica (DESIGN.md §11).
+    let sharedReplay: SharedTokenStore?
     /// Whether any policy has `match.hosts`.
     private let comparesHosts: Bool
 
@@ -45,11 +49,13 @@ public final class Authorizer: Sendable {
         configuration: SidecarConfiguration,
         issuers: [Issuer],
         dpop: DPoPVerifier? = nil,
+        sharedStore: SharedTokenStore? = nil,
         clock: any EpochClock = SystemEpochClock(),
         logger: Logger = Logger(label: "authz"),
         metrics factory: any MetricsFactory = MetricsSystem.factory
     ) {
         self.configuration = configuration
+        self.sharedReplay = sharedStore
         self.issuers = issuers
         self.dpop = dpop ?? DPoPVerifier(server: configuration.server)
         let thumbprints = ThumbprintCache()
@@ -79,6 +85,8 @@ public final class Authorizer: Sendable {
         case .decided(let outcome, let policy, let dpopContext):
             return render(outcome, policy: policy, front: request.front, dpop: dpopContext)
         case .introspect(let evaluation, let issuer, let token, let digest, let proof):
+            // A proof to consume at the shared store too needs the suspending path.
+            if proof != nil, sharedReplay != nil { return nil }
             // A hit, or a JWT verified here and now with keys in hand.
             guard let found = issuer.cache.lookupWithoutSuspending(token: token, digest: digest) else { return nil }
             if let replayed = consume(proof, policy: evaluation.policy, digest: digest, request: request, started: started) {
@@ -114,6 +122,13 @@ public final class Authorizer: Sendable {
         case .introspect(let evaluation, let issuer, let token, let digest, let proof):
             if let replayed = consume(proof, policy: evaluation.policy, digest: digest, request: request, started: started) {
                 return (replayed, evaluation.policy, proof?.context)
+            }
+            if let proof, let sharedReplay,
+                await sharedReplay.firstUse(ofProof: proof.proof.replayKey, windowSeconds: proof.proof.windowSeconds) == false
+            {
+                let outcome = Outcome.decision(.deny(Denial(.dpopProof, detail: "the proof (jti) was used before, at another replica")))
+                record(outcome, policy: evaluation.policy, digest: digest, request: request, started: started)
+                return (outcome, evaluation.policy, proof.context)
             }
             // 3. validation through the issuer's cache: introspection, or the JWT verified locally
             let outcome: Outcome

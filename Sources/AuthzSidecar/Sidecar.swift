@@ -81,7 +81,9 @@ public struct Sidecar: Sendable {
         let dpop = DPoPVerifier(server: configuration.server)
         self.dpop = dpop
         let slot = AuthorizerSlot(.init(
-            authorizer: Authorizer(configuration: configuration, issuers: issuers, dpop: dpop, clock: clock, logger: logger, metrics: factory),
+            authorizer: Authorizer(
+                configuration: configuration, issuers: issuers, dpop: dpop, sharedStore: sharedStore, clock: clock, logger: logger, metrics: factory
+            ),
             backends: backends
         ))
         // Purge broadcasts reach the caches of the configuration in force.
@@ -161,7 +163,9 @@ public struct Sidecar: Sendable {
                 reachability: reachability, clock: clock, logger: logger, metrics: metricsFactory, shared: sharedStore
             )
         }
-        let authorizer = Authorizer(configuration: configuration, issuers: issuers, dpop: dpop, clock: clock, logger: logger, metrics: metricsFactory)
+        let authorizer = Authorizer(
+            configuration: configuration, issuers: issuers, dpop: dpop, sharedStore: sharedStore, clock: clock, logger: logger, metrics: metricsFactory
+        )
         slot.replace(with: .init(authorizer: authorizer, backends: backends))
         // Requests still on the old generation must not be decided on answers a dropped cache
         // holds or is still fetching: a dropped cache is a purge (DESIGN.md §4).

@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import Introspection
 import Logging
@@ -183,6 +184,28 @@ public final class SharedTokenStore: Sendable {
             case .success: self.metrics.writes.increment()
             case .failure(let error): self.fault(error as? StoreFailure ?? .protocolError("\(error)"), "storing an entry")
             }
+        }
+    }
+
+    // MARK: DPoP proofs
+
+    /// Consumes a DPoP proof's (key, `jti`) pair at the store (RFC 9449 §11.1 across replicas):
+    /// true the first time, false when another replica (or this one) consumed it within
+    /// `windowSeconds`, nil when the store cannot tell (the replica's own memory decides alone).
+    public func firstUse(ofProof replayKey: String, windowSeconds: Double) async -> Bool? {
+        let key = configuration.keyPrefix + "dpop:" + SHA256.hash(data: Array(replayKey.utf8)).map { String(format: "%02x", $0) }.joined()
+        let milliseconds = String(max(1, Int64(windowSeconds * 1000)))
+        do {
+            switch try await client.send(RESPCommand("SET", key, "1", "PX", milliseconds, "NX")) {
+            case .simpleString("OK"): return true
+            case .bulkString(nil): return false
+            case let other:
+                fault(.protocolError("SET NX answered \(Self.shape(other))"), "consuming a DPoP proof")
+                return nil
+            }
+        } catch {
+            fault(error, "consuming a DPoP proof")
+            return nil
         }
     }
 

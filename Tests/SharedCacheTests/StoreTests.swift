@@ -254,6 +254,20 @@ struct SharedTokenStoreTests {
         #expect(newEpoch == SharedEpoch(1))
     }
 
+    @Test("a DPoP proof is consumed once across replicas; a store that is gone cannot tell")
+    func proofs() async throws {
+        guard let redis = try await RedisServerProcess() else { Issue.record("redis-server did not start"); return }
+        defer { redis.stop() }
+        let a = try store(redis), b = try store(redis)
+        defer { a.shutdown(); b.shutdown() }
+        #expect(await a.firstUse(ofProof: "thumb.jti-1", windowSeconds: 60) == true)
+        #expect(await b.firstUse(ofProof: "thumb.jti-1", windowSeconds: 60) == false)
+        #expect(await b.firstUse(ofProof: "thumb.jti-2", windowSeconds: 60) == true)
+        #expect(await a.firstUse(ofProof: "other.jti-1", windowSeconds: 60) == true)
+        redis.stop()
+        #expect(await a.firstUse(ofProof: "thumb.jti-3", windowSeconds: 60) == nil)
+    }
+
     @Test("a purge broadcast reaches the caches of another replica; a lost subscription caps local lifetimes")
     func broadcast() async throws {
         guard let redis = try await RedisServerProcess() else { Issue.record("redis-server did not start"); return }

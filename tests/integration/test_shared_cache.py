@@ -1006,3 +1006,49 @@ def test_check_config_shows_the_shared_cache_but_not_the_seal_key(tmp_path, shar
     out = refused({}, key_text=short + "\n")
     assert out.returncode == 1 and "seal_key_file" in out.stderr, (out.returncode, out.stderr)
     assert short not in out.stdout + out.stderr, "a rejected seal key was echoed"
+
+
+# ---------------------------------------------------------------------------------------------
+# DPoP: a proof consumed at one replica is refused at every other (DESIGN.md §11, RFC 9449 §11.1)
+def _dpop_key_and_jkt():
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jose_support import b64u, jwk_int
+    key = ec.generate_private_key(ec.SECP256R1())
+    numbers = key.public_key().public_numbers()
+    jwk = {"kty": "EC", "crv": "P-256", "x": jwk_int(numbers.x, 32), "y": jwk_int(numbers.y, 32)}
+    canonical = json.dumps({k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"), sort_keys=True)
+    return key, jwk, b64u(hashlib.sha256(canonical.encode()).digest())
+
+
+def _dpop_proof(key, jwk: dict, token: str, host: str) -> str:
+    from jose_support import b64u, compact
+    claims = {"jti": secrets.token_urlsafe(18), "htm": "GET", "htu": f"https://{host}{URI}", "iat": int(time.time()),
+              "ath": b64u(hashlib.sha256(token.encode()).digest())}
+    return compact({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk}, claims, key, "ES256")
+
+
+def _ask_dpop(sc: Sidecar, token: str, proof: str, host: str):
+    return http_request(sc.base, "/authz", headers={"Authorization": f"DPoP {token}", "DPoP": proof, "Host": host,
+                                                    "X-Forwarded-Proto": "https", "X-Original-URI": URI,
+                                                    "X-Original-Method": "GET"})
+
+
+def test_a_dpop_proof_used_at_one_replica_is_refused_at_the_others(cluster, shared_as, redis):
+    key, jwk, thumb = _dpop_key_and_jkt()
+    token = shared_as.add_token(new_token("dpop"), {**active_claims(), "cnf": {"jkt": thumb}})
+    host = "api.example"
+    proof = _dpop_proof(key, jwk, token, host)
+    first = _ask_dpop(cluster[0], token, proof, host)
+    assert first.status == 200, first
+    # The same proof at each other replica: a replay, refused there too.
+    for sc in cluster[1:]:
+        again = _ask_dpop(sc, token, proof, host)
+        assert again.status == 401, f"a replayed proof was accepted at another replica: {again}"
+        assert "invalid_dpop_proof" in (again.headers.get("WWW-Authenticate") or "")
+    # A fresh proof is accepted anywhere.
+    for sc in cluster:
+        assert _ask_dpop(sc, token, _dpop_proof(key, jwk, token, host), host).status == 200
+    # The store holds the consumed pairs (hashed), with a lifetime of the proof window only.
+    keys = [k for k in redis.cmd("KEYS", PREFIX + "dpop:*")]
+    assert len(keys) >= 5
+    assert all(0 < redis.cmd("PTTL", k) <= 600_000 for k in keys)
