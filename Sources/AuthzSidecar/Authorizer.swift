@@ -29,6 +29,10 @@ public final class Authorizer: Sendable {
     let sharedReplay: SharedTokenStore?
     /// Whether any policy has `match.hosts`.
     private let comparesHosts: Bool
+    /// Whether any policy has `debug_log: true`.
+    private let hasDebugPolicies: Bool
+    /// Whether any request may be traced (a debug policy, or a trusted debug header).
+    private let tracesSome: Bool
 
     /// An authorizer over one introspection cache: the issuer `default` (tests, benches).
     public convenience init(
@@ -64,6 +68,8 @@ public final class Authorizer: Sendable {
             return PolicyEvaluation(policy: policy, route: IssuerRoute(accepting: accepted), thumbprints: thumbprints)
         }
         self.comparesHosts = configuration.policies.contains { !$0.hosts.isEmpty }
+        self.hasDebugPolicies = configuration.policies.contains { $0.debugLog }
+        self.tracesSome = hasDebugPolicies || configuration.server.trustDebugHeader
         self.clock = clock
         self.logger = logger
         self.metrics = DecisionMetrics(policies: configuration.policies.map(\.name), factory: factory)
@@ -72,6 +78,13 @@ public final class Authorizer: Sendable {
 
     /// Decides and renders the answer for the proxy that asked.
     public func answer(_ request: AccessRequest) async -> AuthzAnswer {
+        if tracesSome, wantsTrace(request) {
+            let explanation = await explain(request)
+            var fields: Logger.Metadata = ["authz.trace": .array(explanation.steps.map { .string("\($0.name): \($0.result)") })]
+            if let id = request.requestID { fields["authz.request_id"] = "\(id)" }
+            logger.notice("decision trace", metadata: fields)
+            return explanation.answer
+        }
         let (outcome, policy, dpopContext) = await decideAndExplain(request)
         return render(outcome, policy: policy, front: request.front, dpop: dpopContext)
     }
@@ -80,6 +93,8 @@ public final class Authorizer: Sendable {
     /// introspection, a fresh cache hit (the hot path), or a JWT verified with keys in hand.
     /// nil: use `answer(_:)`.
     public func answerWithoutSuspending(_ request: AccessRequest) -> AuthzAnswer? {
+        // A request to trace takes the suspending path (`answer`), which traces it.
+        if tracesSome, wantsTrace(request) { return nil }
         let started = clock.now()
         switch prepare(request, started: started) {
         case .decided(let outcome, let policy, let dpopContext):
@@ -105,6 +120,58 @@ public final class Authorizer: Sendable {
             }
             return render(outcome, policy: evaluation.policy, front: request.front, dpop: proof?.context)
         }
+    }
+
+    /// Decides as `answer` does, recording every step (DESIGN.md §5): `authz-sidecar explain` and
+    /// the debug log of a single request.
+    public func explain(_ request: AccessRequest) async -> Explanation {
+        let trace = DecisionTrace()
+        let started = clock.now()
+        let outcome: Outcome
+        let policy: PolicyConfiguration?
+        var dpopContext: AuthzAnswer.DPoPContext?
+        switch prepare(request, started: started, trace: trace) {
+        case .decided(let decided, let decidedPolicy, let context):
+            (outcome, policy, dpopContext) = (decided, decidedPolicy, context)
+        case .introspect(let evaluation, let issuer, let token, let digest, let proof):
+            policy = evaluation.policy
+            dpopContext = proof?.context
+            trace.add("issuer", "\(issuer.name) (\(issuer.configuration.validation.rawValue))")
+            if let replayed = consume(proof, policy: evaluation.policy, digest: digest, request: request, started: started) {
+                trace.add("dpop proof", "replayed: its jti was used before")
+                outcome = replayed
+            } else {
+                do {
+                    let answer = try await issuer.cache.lookup(token: token, digest: digest)
+                    trace.add("validation", "\(answer.source.rawValue): \(answer.info.traceSummary)")
+                    outcome = .decision(evaluation.decide(token: answer.info, request: request, now: clock.now(), issuer: issuer, dpopKey: proof?.key, trace: trace))
+                } catch {
+                    trace.add("validation", "fault: \(error)")
+                    outcome = .fault(error)
+                }
+                record(outcome, policy: evaluation.policy, digest: digest, request: request, started: started)
+            }
+        }
+        let answer = render(outcome, policy: policy, front: request.front, dpop: dpopContext)
+        switch outcome {
+        case .decision(.allow): trace.add("decision", "allow")
+        case .decision(.deny(let denial)): trace.add("decision", "deny \(denial.status): \(denial.reason.rawValue)" + (denial.detail.map { " (\($0))" } ?? ""))
+        case .fault(let error): trace.add("decision", "fault \(answer.status): \(error)")
+        }
+        return Explanation(steps: trace.steps, outcome: outcome, answer: answer)
+    }
+
+    /// A JWT (three dot-separated parts) or an opaque token, as the trace names it.
+    static func kind(of token: String) -> String {
+        token.utf8.reduce(0) { $0 + ($1 == UInt8(ascii: ".") ? 1 : 0) } == 2 ? "a JWT" : "an opaque token"
+    }
+
+    /// Whether this request's decision is to be logged step by step: `X-Authz-Debug` from a
+    /// trusted proxy (`server.trust_debug_header`), or a policy with `debug_log: true`.
+    func wantsTrace(_ request: AccessRequest) -> Bool {
+        if configuration.server.trustDebugHeader, request.headers.first(name: "X-Authz-Debug") != nil { return true }
+        guard hasDebugPolicies, case .selected(let evaluation) = select(for: request) else { return false }
+        return evaluation.policy.debugLog
     }
 
     /// Decides (DESIGN.md §5), logging denials and faults.
@@ -166,7 +233,7 @@ public final class Authorizer: Sendable {
         case introspect(PolicyEvaluation, Issuer, token: String, digest: TokenDigest, proof: VerifiedProof?)
     }
 
-    private func prepare(_ request: AccessRequest, started: Double) -> Prepared {
+    private func prepare(_ request: AccessRequest, started: Double, trace: DecisionTrace? = nil) -> Prepared {
         /// A refusal before validation, logged and counted.
         func refuse(_ denial: Denial, policy: PolicyConfiguration?, digest: TokenDigest?, dpop: AuthzAnswer.DPoPContext? = nil) -> Prepared {
             let outcome = Outcome.decision(.deny(denial))
@@ -175,10 +242,19 @@ public final class Authorizer: Sendable {
         }
         // 1. policy
         let evaluation: PolicyEvaluation
+        if let trace {
+            switch request.pathReadings {
+            case .refused(let why): trace.add("path", "refused: \(why)")
+            case .readings(let readings):
+                trace.add("path", "\(request.method) \(request.host)\(readings.strict.prefix(200))" + (readings.others.isEmpty ? "" : " (also read as \(readings.others.map { String($0.prefix(200)) }.joined(separator: ", ")))"))
+            }
+        }
         switch select(for: request) {
         case .selected(let selected):
             evaluation = selected
+            trace?.add("policy", "\(selected.policy.name)" + (request.policyHint != nil ? " (named by the proxy)" : " (the first that matches every reading of the path)"))
         case .refused(let denial):
+            trace?.add("policy", "none: \(denial.detail ?? denial.reason.rawValue)")
             let outcome = Outcome.decision(.deny(denial))
             record(outcome, policy: nil, digest: nil, request: request, started: started)
             return .decided(outcome, nil, nil)
@@ -188,7 +264,16 @@ public final class Authorizer: Sendable {
             return refuse(Denial(.requestTooLarge, detail: "\(request.headerBytes) header bytes"), policy: policy, digest: nil)
         }
         // 2. token
-        switch BearerToken.parse(request.headers.values(.authorization)) {
+        let parsed = BearerToken.parse(request.headers.values(.authorization))
+        if let trace {
+            switch parsed {
+            case .missing: trace.add("token", "none" + (policy.allowAnonymous ? " (the policy allows anonymous requests)" : ""))
+            case .malformed(let why): trace.add("token", "malformed: \(why)")
+            case .dpop(let token): trace.add("token", "DPoP scheme, \(Self.kind(of: token)), sha256 \(TokenDigest(token: token).prefix)…")
+            case .token(let token): trace.add("token", "Bearer scheme, \(Self.kind(of: token)), sha256 \(TokenDigest(token: token).prefix)…")
+            }
+        }
+        switch parsed {
         case .missing:
             let outcome: Outcome = policy.allowAnonymous ? .decision(.allow(Grant(token: nil))) : .decision(.deny(Denial(.noToken)))
             record(outcome, policy: policy, digest: nil, request: request, started: started)
@@ -212,10 +297,13 @@ public final class Authorizer: Sendable {
             let accepted: DPoPVerifier.Verified
             switch verified {
             case .success(let proof):
+                trace?.add("dpop proof", "valid, key \(proof.thumbprint)")
                 accepted = proof
             case .failure(.proof(let why)):
+                trace?.add("dpop proof", "refused: \(why)")
                 return refuse(Denial(.dpopProof, detail: why), policy: policy, digest: digest, dpop: context)
             case .failure(.nonce(let why)):
+                trace?.add("dpop proof", "nonce: \(why)")
                 context.nonce = dpop.currentNonce(now: now)
                 return refuse(Denial(.dpopNonce, detail: why), policy: policy, digest: digest, dpop: context)
             }
@@ -225,6 +313,7 @@ public final class Authorizer: Sendable {
             return .introspect(evaluation, issuer, token: token, digest: digest, proof: VerifiedProof(proof: accepted, context: context))
         case .token(let token):
             if policy.dpop == .required {
+                trace?.add("dpop", "the policy requires DPoP; a Bearer token came")
                 let context = dpopContext(policy, now: clock.now())
                 return refuse(Denial(.dpopRequired, detail: "a Bearer token on a policy with dpop: required"), policy: policy, digest: TokenDigest(token: token), dpop: context)
             }

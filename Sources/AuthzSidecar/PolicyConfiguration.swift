@@ -36,6 +36,8 @@ public struct PolicyConfiguration: Sendable, Equatable {
     public var certificateFormat: CertificateFormat
     public var xfccElement: XFCCElement
     public var requireBoundToken: Bool
+    /// Log every decision of this policy step by step (`debug_log`), at notice level.
+    public var debugLog = false
     public var allowAnonymous: Bool
     public var forwardClaims: [String] {
         didSet { parsed.forwardClaims = Self.headers(for: forwardClaims) }

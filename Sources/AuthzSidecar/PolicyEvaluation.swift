@@ -33,8 +33,8 @@ public final class PolicyEvaluation: Sendable {
     /// Decides for a token as its issuer validated it (introspection or a verified JWT).
     /// `dpopKey`: the thumbprint of the key of a verified DPoP proof, when the token came with the
     /// DPoP scheme.
-    func decide(token info: TokenInfo, request: AccessRequest, now: Double, issuer: Issuer, dpopKey: String? = nil) -> Decision {
-        decide(token: info, request: request, now: now, expectedIssuer: issuer.expectedIssuer, issuerAudiences: issuer.audiences, dpopKey: dpopKey)
+    func decide(token info: TokenInfo, request: AccessRequest, now: Double, issuer: Issuer, dpopKey: String? = nil, trace: DecisionTrace? = nil) -> Decision {
+        decide(token: info, request: request, now: now, expectedIssuer: issuer.expectedIssuer, issuerAudiences: issuer.audiences, dpopKey: dpopKey, trace: trace)
     }
 
     /// Decides for an introspected token.
@@ -42,31 +42,47 @@ public final class PolicyEvaluation: Sendable {
         decide(token: info, request: request, now: now, expectedIssuer: expectedIssuer, issuerAudiences: [], dpopKey: dpopKey)
     }
 
-    private func decide(token info: TokenInfo, request: AccessRequest, now: Double, expectedIssuer: String?, issuerAudiences: [String], dpopKey: String?) -> Decision {
+    private func decide(
+        token info: TokenInfo, request: AccessRequest, now: Double, expectedIssuer: String?, issuerAudiences: [String], dpopKey: String?,
+        trace: DecisionTrace? = nil
+    ) -> Decision {
         // 4. active, time window, issuer, audience
         guard info.active else {
+            trace?.add("active", "no: the token is not active" + (info.rejection.map { " (\($0))" } ?? ""))
             if let rejection = info.rejection { return .deny(Denial(.jwtInvalid, detail: rejection)) }
             return .deny(Denial(.inactive))
         }
         let skew = Double(policy.clockSkewSeconds)
-        if let exp = info.exp, Double(exp) + skew <= now { return .deny(Denial(.expired)) }
-        if let nbf = info.nbf, Double(nbf) - skew > now { return .deny(Denial(.notYetValid)) }
+        if let exp = info.exp, Double(exp) + skew <= now {
+            trace?.add("time window", "expired: exp \(exp) + clock_skew \(policy.clockSkewSeconds) s <= now \(Int64(now))")
+            return .deny(Denial(.expired))
+        }
+        if let nbf = info.nbf, Double(nbf) - skew > now {
+            trace?.add("time window", "not yet valid: nbf \(nbf) - clock_skew \(policy.clockSkewSeconds) s > now \(Int64(now))")
+            return .deny(Denial(.notYetValid))
+        }
+        trace?.add("time window", "ok: exp \(info.exp.map(String.init) ?? "none"), nbf \(info.nbf.map(String.init) ?? "none"), now \(Int64(now))")
         if let expectedIssuer, info.iss != expectedIssuer {
+            trace?.add("issuer", "mismatch: expected \(expectedIssuer), the token says \(info.iss ?? "nothing")")
             return .deny(Denial(.issuerMismatch))
         }
         // A policy's audiences take the place of its issuer's (RFC 9068 §4 for JWTs).
         let audiences = policy.audiences.isEmpty ? issuerAudiences : policy.audiences
         if !audiences.isEmpty, !info.aud.contains(where: audiences.contains) {
+            trace?.add("audience", "mismatch: one of [\(audiences.joined(separator: ", "))] required, the token has [\(info.aud.prefix(5).joined(separator: ", "))]")
             return .deny(Denial(.audienceMismatch))
         }
+        trace?.add("issuer and audience", "ok" + (expectedIssuer.map { ": iss \($0)" } ?? "") + (audiences.isEmpty ? "" : "; aud one of [\(audiences.joined(separator: ", "))]"))
         // only access tokens pass (§5.4)
         if let kind = info.refusedKind {
+            trace?.add("token kind", "refused: \(kind.prefix(32)) is not an access token")
             return .deny(Denial(.tokenKind, detail: "token_type/typ \"\(kind.prefix(32))\" is not an access token"))
         }
 
         // 5. a binding is never ignored: a DPoP key binding needs the proof by that key (RFC 9449
         // §7.1), and one the sidecar cannot check refuses the token
         if let jkt = info.jwkThumbprint {
+            trace?.add("binding cnf.jkt", dpopKey == nil ? "no DPoP proof came with the token" : jkt == dpopKey ? "match: the proof's key is \(jkt)" : "mismatch: bound to \(jkt), the proof's key is \(dpopKey ?? "")")
             guard let dpopKey else {
                 return .deny(Denial(.unsupportedBinding, detail: "token is DPoP-bound (cnf.jkt) but came as Bearer, without a DPoP proof"))
             }
@@ -74,9 +90,11 @@ public final class PolicyEvaluation: Sendable {
                 return .deny(Denial(.bindingMismatch, detail: "the DPoP proof's key \(dpopKey) is not the one the token is bound to"))
             }
         } else if dpopKey != nil {
+            trace?.add("binding cnf.jkt", "the token is not bound to a key, but came with the DPoP scheme")
             return .deny(Denial(.dpopUnbound, detail: "Authorization: DPoP with a token that is not bound to a key (no cnf.jkt)"))
         }
         if let other = info.otherConfirmation {
+            trace?.add("binding", "cnf.\(other.prefix(32)): a binding the sidecar cannot check")
             return .deny(Denial(.unsupportedBinding, detail: "token has a cnf member the sidecar cannot check: \(other.prefix(32))"))
         }
 
@@ -85,17 +103,26 @@ public final class PolicyEvaluation: Sendable {
             let thumbprint: CertificateThumbprint
             switch certificate(of: request) {
             case .none:
+                trace?.add("binding cnf.x5t#S256", "bound to \(bound.prefix(64)), but no certificate came (\(policy.certificateHeader.map { "header \($0)" } ?? "peer certificate"))")
                 return .deny(Denial(.certificateMissing, detail: "token is certificate-bound but no certificate was presented"))
             case .failure(let error):
+                trace?.add("binding cnf.x5t#S256", "the certificate cannot be read: \(error.description)")
                 return .deny(Denial(.certificateInvalid, detail: error.description))
             case .success(let presented):
                 thumbprint = presented
             }
+            trace?.add(
+                "binding cnf.x5t#S256",
+                thumbprint.matches(x5tS256: bound) ? "match: certificate \(thumbprint.base64URL)" : "mismatch: bound to \(bound.prefix(64)), certificate \(thumbprint.base64URL)"
+            )
             guard thumbprint.matches(x5tS256: bound) else {
                 return .deny(Denial(.bindingMismatch, detail: "certificate \(thumbprint.base64URL) is not the one the token is bound to"))
             }
         } else if policy.requireBoundToken, info.jwkThumbprint == nil {
+            trace?.add("binding", "the token is bound to nothing, and the policy has require_bound_token")
             return .deny(Denial(.unboundToken))
+        } else if info.jwkThumbprint == nil {
+            trace?.add("binding", "the token is bound to nothing (the policy does not require a binding)")
         }
 
         // 6. scopes
@@ -105,10 +132,16 @@ public final class PolicyEvaluation: Sendable {
             case .all: satisfied = policy.requiredScopes.allSatisfy(info.grants(scope:))
             case .any: satisfied = policy.requiredScopes.contains(where: info.grants(scope:))
             }
+            trace?.add(
+                "scopes", "\(satisfied ? "ok" : "insufficient"): \(policy.scopeMatch == .all ? "all" : "any") of [\(policy.requiredScopes.joined(separator: " "))] required, granted \"\((info.scope ?? "").prefix(256))\""
+            )
             guard satisfied else { return .deny(Denial(.insufficientScope)) }
+        } else {
+            trace?.add("scopes", "none required")
         }
         // 6b. required claims (DESIGN.md §9)
         for claim in policy.requiredClaims where !claim.isSatisfied(by: info) {
+            trace?.add("claims", "claim \(claim.name.prefix(64)) is missing or has none of the required values")
             return .deny(Denial(.claims, detail: "claim \(claim.name.prefix(64)) is missing or has none of the required values"))
         }
 
@@ -119,6 +152,7 @@ public final class PolicyEvaluation: Sendable {
             let remaining = info.exp.map { $0 - Int64(now.rounded(.up)) } ?? policy.proxyCacheSeconds
             cacheSeconds = max(0, min(policy.proxyCacheSeconds, remaining))
         }
+        if !policy.requiredClaims.isEmpty { trace?.add("claims", "ok: \(policy.requiredClaims.map(\.name).joined(separator: ", "))") }
         return .allow(Grant(token: info, cacheSeconds: cacheSeconds, dpopKey: dpopKey))
     }
 

@@ -212,6 +212,7 @@ extension SidecarConfiguration {
         server.adminListen = listenAddress(reader, "admin_listen")
         server.grpcListen = listenAddress(reader, "grpc_listen")
         server.trustPolicyHeader = reader.bool("trust_policy_header", default: false)
+        server.trustDebugHeader = reader.bool("trust_debug_header", default: false)
         // Up to 1 MiB: the listener raises SwiftNIO's own 80 KiB parser limit to match.
         server.maxHeaderBytes = reader.int("max_header_bytes", default: 16384, range: 1024...1_048_576)
         server.idleTimeoutSeconds = reader.int("idle_timeout_seconds", default: 75, range: 1...3600)
@@ -500,6 +501,7 @@ extension SidecarConfiguration {
         policy.certificateFormat = reader.choice("certificate_format", default: .auto)
         policy.xfccElement = reader.choice("xfcc_element", default: .only)
         policy.requireBoundToken = reader.bool("require_bound_token", default: false)
+        policy.debugLog = reader.bool("debug_log", default: false)
         policy.allowAnonymous = reader.bool("allow_anonymous", default: false)
         policy.forwardClaims = reader.stringList("forward_claims")
         var headerOwners: [String: Int] = [:]

@@ -41,6 +41,9 @@ public struct ServerConfiguration: Sendable, Equatable {
     /// nil = no gRPC listener.
     public var grpcListen: ListenAddress?
     public var trustPolicyHeader: Bool
+    /// Accept `X-Authz-Debug` (any value) from the proxy: that request's decision is logged step
+    /// by step. Only where every request comes through a proxy that strips it from clients.
+    public var trustDebugHeader = false
     public var maxHeaderBytes: Int
     /// A connection is closed when no complete request head arrives within this many seconds of
     /// its start or of the previous answer (above nginx's 60 s upstream keepalive_timeout).

@@ -17,7 +17,7 @@ struct AuthzSidecarCommand: AsyncParsableCommand {
             Then run:    authz-sidecar serve --config sidecar.yaml
             """,
         version: SidecarVersion.current,
-        subcommands: [Serve.self, CheckConfig.self, Thumbprint.self],
+        subcommands: [Serve.self, CheckConfig.self, Thumbprint.self, Explain.self],
         defaultSubcommand: Serve.self
     )
 }

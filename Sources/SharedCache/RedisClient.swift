@@ -130,10 +130,15 @@ public final class RedisClient: Sendable {
         }
     }
 
-    /// A failure: the next attempt waits `backoff`, doubling per failure up to `maxBackoff`.
+    /// A failure: the next attempt waits `backoff`, doubling per failure up to `maxBackoff`; the
+    /// first failure after an answer waits nothing (one slow answer is no outage).
     private func failed(_ state: inout Slot.State) {
         state.failures += 1
-        let wait = min(backoff * (1 << Int64(min(state.failures - 1, 10))), max(backoff, Self.maxBackoff))
+        guard state.failures > 1 else {
+            state.retryAt = nil
+            return
+        }
+        let wait = min(backoff * (1 << Int64(min(state.failures - 2, 10))), max(backoff, Self.maxBackoff))
         state.retryAt = .now() + wait
     }
 

@@ -279,13 +279,14 @@ public final class SharedTokenStore: Sendable {
                 metrics.errors(failure.cause).increment()
                 problems.log("subscription", "cannot subscribe to purge broadcasts on the shared store: \(failure)", cause: failure.cause)
             }
-            lost()
             if Task.isCancelled { break }
+            lost()
             failures += 1
             let backoff = min(100 * (1 << min(failures - 1, 10)), 5_000)
             try? await Task.sleep(nanoseconds: UInt64(backoff) * 1_000_000)
         }
-        lost()
+        // Shutting down: no longer subscribed, but nothing to warn about.
+        if subscribed.exchange(false, ordering: .relaxed) { metrics.subscribed.record(0) }
     }
 
     private func received(_ value: RESPValue, watch: SubscriptionWatch) {
