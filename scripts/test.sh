@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # test.sh - everything CI runs (.ci/run execs this):
-#   1. prerequisites: apt packages for the integration suite, pytest, cryptography and
-#      requests-oauth2client (into .venv/ if needed)
+#   1. prerequisites: apt packages for the integration suite, pytest, cryptography,
+#      requests-oauth2client and opentelemetry-proto (into .venv/ if needed)
 #   2. swift build --build-tests           (one build of the package and its tests)
 #   3. swift test --skip-build             (Swift unit tests)
 #   4. pytest tests/integration -q         (nginx + sidecar + fake AS, and Glewlwyd end to end)
@@ -61,13 +61,15 @@ if [ "$RUN_INTEGRATION" = yes ]; then
     record "prerequisites (apt)" 1; finish
   fi
   # Python modules the integration suite imports: pytest, cryptography (the JWT tests forge
-  # and sign tokens with it) and requests-oauth2client (the DPoP client of scripts/dpop_client.py,
-  # RFC 9449). Into python3 itself when pytest is there (pip may refuse an externally managed
-  # interpreter: then everything goes into .venv).
-  PY_IMPORTS='import pytest, cryptography, requests_oauth2client'
+  # and sign tokens with it), requests-oauth2client (the DPoP client of scripts/dpop_client.py,
+  # RFC 9449) and opentelemetry-proto (tests/integration/otlp_receiver.py decodes the OTLP/HTTP
+  # trace exports of the sidecar and Envoy with it). Into python3 itself when pytest is there (pip
+  # may refuse an externally managed interpreter: then everything goes into .venv).
+  PY_IMPORTS='import pytest, cryptography, requests_oauth2client, opentelemetry.proto.collector.trace.v1.trace_service_pb2'
   # requests-oauth2client is held to 1.8.x: scripts/dpop_client.py documents (and the DPoP tests
-  # rely on) how 1.8 builds htu and answers a resource server's 401s.
-  PY_PACKAGES=(cryptography 'requests-oauth2client==1.8.*')
+  # rely on) how 1.8 builds htu and answers a resource server's 401s. opentelemetry-proto is held
+  # to 1.45.x (it brings its protobuf runtime, >=5,<8; tested with protobuf 7.36).
+  PY_PACKAGES=(cryptography 'requests-oauth2client==1.8.*' 'opentelemetry-proto==1.45.*')
   if python3 -c 'import pytest' 2>/dev/null && ! python3 -c "$PY_IMPORTS" 2>/dev/null; then
     echo "${PY_PACKAGES[*]}: not all importable; pip-installing them into $(command -v python3)"
     python3 -m pip install -q "${PY_PACKAGES[@]}" 2>/dev/null || echo "(pip refused; using $REPO/.venv instead)"
@@ -76,7 +78,7 @@ if [ "$RUN_INTEGRATION" = yes ]; then
     PYTEST=(python3 -m pytest)
   else
     if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "$PY_IMPORTS" 2>/dev/null; then
-      echo "pytest, cryptography or requests-oauth2client is not importable: installing them into $REPO/.venv"
+      echo "pytest or one of ${PY_PACKAGES[*]} is not importable: installing them into $REPO/.venv"
       [ -x .venv/bin/python ] || python3 -m venv .venv 2>/dev/null \
         || { ensure_packages python3-venv && python3 -m venv .venv; } \
         || { record "prerequisites (venv)" 1; finish; }

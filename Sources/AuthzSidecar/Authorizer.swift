@@ -3,6 +3,8 @@ import Introspection
 import JWTValidation
 import Logging
 import Metrics
+import NIOHTTP1
+import Tracing
 import SharedCache
 
 /// Token → introspection (cached) → policy → decision, logged and counted (DESIGN.md §5, §8).
@@ -31,6 +33,9 @@ public final class Authorizer: Sendable {
     private let comparesHosts: Bool
     /// Whether any policy has `debug_log: true`.
     private let hasDebugPolicies: Bool
+    /// Whether decisions make spans (`tracing.otlp_endpoint` set): nothing is done for them
+    /// otherwise, on any path.
+    let spans: Bool
     /// Whether any request may be traced (a debug policy, or a trusted debug header).
     private let tracesSome: Bool
 
@@ -69,6 +74,7 @@ public final class Authorizer: Sendable {
         }
         self.comparesHosts = configuration.policies.contains { !$0.hosts.isEmpty }
         self.hasDebugPolicies = configuration.policies.contains { $0.debugLog }
+        self.spans = configuration.tracing.otlpEndpoint != nil
         self.tracesSome = hasDebugPolicies || configuration.server.trustDebugHeader
         self.clock = clock
         self.logger = logger
@@ -85,8 +91,59 @@ public final class Authorizer: Sendable {
             logger.notice("decision trace", metadata: fields)
             return explanation.answer
         }
-        let (outcome, policy, dpopContext) = await decideAndExplain(request)
+        let (outcome, policy, dpopContext) = await decideAndExplain(request, parent: nil)
         return render(outcome, policy: policy, front: request.front, dpop: dpopContext)
+    }
+
+    /// Decides, in a span of its own when tracing is on (DESIGN.md §12): its parent is the
+    /// `traceparent` the proxy sent (`parent`, when the front end found it elsewhere, as gRPC
+    /// metadata); AS calls and store lookups made for it are its children.
+    func decideAndExplain(_ request: AccessRequest, parent: ServiceContext?) async -> (Outcome, PolicyConfiguration?, AuthzAnswer.DPoPContext?) {
+        guard spans else { return await decideAndExplain(request) }
+        return await withSpan("authz.decision", context: parent ?? Self.parentContext(of: request), ofKind: .server) { span in
+            let trace = DecisionTrace(recordsSteps: false)
+            let result = await decideAndExplain(request, trace: trace)
+            let status: Int
+            switch result.0 {
+            case .decision(.allow): status = 200
+            case .decision(.deny(let denial)): status = denial.status
+            case .fault: status = 503
+            }
+            Self.annotate(span, trace: trace, request: request, status: status, outcome: result.0)
+            return result
+        }
+    }
+
+    /// The W3C trace context the proxy sent with the request (none: a new trace).
+    static func parentContext(of request: AccessRequest) -> ServiceContext {
+        var context = ServiceContext.topLevel
+        InstrumentationSystem.instrument.extract(request.headers, into: &context, using: HeaderExtractor())
+        return context
+    }
+
+    /// The decision's attributes (DESIGN.md §12): never a token, never a claim value.
+    static func annotate(_ span: any Span, trace: DecisionTrace, request: AccessRequest, status: Int, outcome: Outcome?) {
+        span.attributes["authz.front"] = request.front.rawValue
+        span.attributes["authz.policy"] = trace.policy ?? "none"
+        span.attributes["authz.cache"] = trace.cache
+        if let token = trace.tokenPrefix { span.attributes["authz.token"] = token }
+        span.attributes["http.response.status_code"] = status
+        switch outcome {
+        case .decision(.deny(let denial))?:
+            span.attributes["authz.outcome"] = "deny"
+            span.attributes["authz.reason"] = denial.reason.rawValue
+        case .fault?:
+            span.attributes["authz.outcome"] = "fault"
+            span.attributes["authz.reason"] = "as_fault"
+            span.setStatus(SpanStatus(code: .error, message: "authorization server unavailable"))
+        case .decision(.allow)?:
+            span.attributes["authz.outcome"] = "allow"
+            span.attributes["authz.reason"] = "granted"
+        case nil:
+            // Answered without suspending: read from the status.
+            span.attributes["authz.outcome"] = status == 200 ? "allow" : status >= 500 ? "fault" : "deny"
+            if status == 200 { span.attributes["authz.reason"] = "granted" }
+        }
     }
 
     /// The answer without suspending, when no call to the AS is needed: a denial before
@@ -95,8 +152,21 @@ public final class Authorizer: Sendable {
     public func answerWithoutSuspending(_ request: AccessRequest) -> AuthzAnswer? {
         // A request to trace takes the suspending path (`answer`), which traces it.
         if tracesSome, wantsTrace(request) { return nil }
+        guard spans else { return answerWithoutSuspending(request, trace: nil) }
+        // A span, made after the fact with the times it began and ended: only for a request
+        // answered here (a declined one gets its span on the suspending path).
+        let began = DefaultTracerClock.now
+        let trace = DecisionTrace(recordsSteps: false)
+        guard let answer = answerWithoutSuspending(request, trace: trace) else { return nil }
+        let span = InstrumentationSystem.tracer.startSpan("authz.decision", context: Self.parentContext(of: request), ofKind: .server, at: began)
+        Self.annotate(span, trace: trace, request: request, status: answer.status, outcome: nil)
+        span.end()
+        return answer
+    }
+
+    private func answerWithoutSuspending(_ request: AccessRequest, trace: DecisionTrace?) -> AuthzAnswer? {
         let started = clock.now()
-        switch prepare(request, started: started) {
+        switch prepare(request, started: started, trace: trace) {
         case .decided(let outcome, let policy, let dpopContext):
             return render(outcome, policy: policy, front: request.front, dpop: dpopContext)
         case .introspect(let evaluation, let issuer, let token, let digest, let proof):
@@ -104,6 +174,7 @@ public final class Authorizer: Sendable {
             if proof != nil, sharedReplay != nil { return nil }
             // A hit, or a JWT verified here and now with keys in hand.
             guard let found = issuer.cache.lookupWithoutSuspending(token: token, digest: digest) else { return nil }
+            trace?.cache = found.source.rawValue
             if let replayed = consume(proof, policy: evaluation.policy, digest: digest, request: request, started: started) {
                 return render(replayed, policy: evaluation.policy, front: request.front, dpop: proof?.context)
             }
@@ -181,9 +252,9 @@ public final class Authorizer: Sendable {
     }
 
     /// The same, with what a DPoP answer adds.
-    func decideAndExplain(_ request: AccessRequest) async -> (Outcome, PolicyConfiguration?, AuthzAnswer.DPoPContext?) {
+    func decideAndExplain(_ request: AccessRequest, trace: DecisionTrace? = nil) async -> (Outcome, PolicyConfiguration?, AuthzAnswer.DPoPContext?) {
         let started = clock.now()
-        switch prepare(request, started: started) {
+        switch prepare(request, started: started, trace: trace) {
         case .decided(let outcome, let policy, let dpopContext):
             return (outcome, policy, dpopContext)
         case .introspect(let evaluation, let issuer, let token, let digest, let proof):
@@ -201,6 +272,7 @@ public final class Authorizer: Sendable {
             let outcome: Outcome
             do {
                 let answer = try await issuer.cache.lookup(token: token, digest: digest)
+                trace?.cache = answer.source.rawValue
                 // 4–7. the pure decision
                 outcome = .decision(evaluation.decide(token: answer.info, request: request, now: clock.now(), issuer: issuer, dpopKey: proof?.key))
             } catch {
@@ -252,6 +324,7 @@ public final class Authorizer: Sendable {
         switch select(for: request) {
         case .selected(let selected):
             evaluation = selected
+            trace?.policy = selected.policy.name
             trace?.add("policy", "\(selected.policy.name)" + (request.policyHint != nil ? " (named by the proxy)" : " (the first that matches every reading of the path)"))
         case .refused(let denial):
             trace?.add("policy", "none: \(denial.detail ?? denial.reason.rawValue)")
@@ -266,6 +339,12 @@ public final class Authorizer: Sendable {
         // 2. token
         let parsed = BearerToken.parse(request.headers.values(.authorization))
         if let trace {
+            switch parsed {
+            case .dpop(let token), .token(let token): trace.tokenPrefix = TokenDigest(token: token).prefix
+            default: break
+            }
+        }
+        if let trace, trace.recordsSteps {
             switch parsed {
             case .missing: trace.add("token", "none" + (policy.allowAnonymous ? " (the policy allows anonymous requests)" : ""))
             case .malformed(let why): trace.add("token", "malformed: \(why)")
@@ -453,5 +532,12 @@ public final class Authorizer: Sendable {
         if let digest { fields["authz.token"] = "\(digest.prefix)" }
         if let id = request.requestID { fields["authz.request_id"] = "\(id)" }
         return fields
+    }
+}
+
+/// Reads W3C trace context (`traceparent`, `tracestate`) from the request's headers.
+struct HeaderExtractor: Extractor {
+    func extract(key: String, from carrier: HTTPHeaders) -> String? {
+        carrier.first(name: key)
     }
 }

@@ -12,11 +12,20 @@ public final class DecisionTrace: @unchecked Sendable {
 
     // Written by the one task that decides; read once the decision is made.
     public private(set) var steps: [Step] = []
+    /// Whether steps are written out (explain, the debug log), or only what a span needs.
+    let recordsSteps: Bool
+    /// What a span of the decision says (DESIGN.md §12): no token, no claim value.
+    var policy: String?
+    var tokenPrefix: String?
+    var cache: String = "none"
 
-    public init() {}
+    public init(recordsSteps: Bool = true) {
+        self.recordsSteps = recordsSteps
+    }
 
-    func add(_ name: String, _ result: String) {
-        steps.append(Step(name: name, result: result))
+    func add(_ name: String, _ result: @autoclosure () -> String) {
+        guard recordsSteps else { return }
+        steps.append(Step(name: name, result: result()))
     }
 
     /// The steps as lines, `name: result`.

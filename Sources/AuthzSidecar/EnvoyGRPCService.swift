@@ -3,6 +3,7 @@ import GRPCCore
 import HTTPTypes
 import Introspection
 import SwiftProtobuf
+import Tracing
 
 /// Envoy's gRPC external authorization, `envoy.service.auth.v3.Authorization/Check`
 /// (DESIGN.md §4): the same decision as the HTTP front ends, mapped to a `CheckResponse`.
@@ -21,7 +22,8 @@ public struct EnvoyGRPCService: Envoy_Service_Auth_V3_Authorization.SimpleServic
     public func check(request: Envoy_Service_Auth_V3_CheckRequest, context: ServerContext) async throws -> Envoy_Service_Auth_V3_CheckResponse {
         let authorizer = slot.current
         let access = Self.accessRequest(request, trustPolicyHeader: authorizer.configuration.server.trustPolicyHeader)
-        let (outcome, policy, dpop) = await authorizer.decideAndExplain(access)
+        // The parent span: from the call's metadata (TraceContextInterceptor), else the headers.
+        let (outcome, policy, dpop) = await authorizer.decideAndExplain(access, parent: ServiceContext.current)
         if case .fault = outcome {
             // Envoy answers its status_on_error (503 in deploy/envoy-grpc.yaml).
             throw RPCError(code: .unavailable, message: "authorization server unavailable")

@@ -77,7 +77,7 @@ public final class Issuer: Sendable {
                 client = ClosureTokenIntrospector { _ throws(IntrospectionError) in throw .transport("the introspection client cannot give signed answers") }
             }
         }
-        let introspector: any TokenIntrospector = InstrumentedTokenIntrospector(client, reachability: reachability, metrics: factory)
+        let introspector: any TokenIntrospector = InstrumentedTokenIntrospector(client, reachability: reachability, metrics: factory, issuer: configuration.name)
         let upstream: any TokenIntrospector
         if configuration.validation.verifiesJWT, let issuerKeys = keys {
             let verifier = JWTAccessTokenVerifier(configuration: configuration, keys: issuerKeys, metrics: factory)

@@ -109,7 +109,9 @@ public struct Sidecar: Sendable {
                 idleTimeoutSeconds: configuration.server.idleTimeoutSeconds, onBound: { onBound(true, $0) }
             )
         }
-        self.grpcService = configuration.server.grpcListen.map { GRPCServerService(address: $0, slot: slot) }
+        self.grpcService = configuration.server.grpcListen.map {
+            GRPCServerService(address: $0, slot: slot, tracing: configuration.tracing.otlpEndpoint != nil)
+        }
     }
 
     /// The authorizer in force.

@@ -78,6 +78,16 @@ extension SidecarConfiguration {
         } else {
             line(2, "shared", "null")
         }
+        out += "tracing:\n"
+        line(2, "otlp_endpoint", quoted(tracing.otlpEndpoint))
+        line(2, "sampling_ratio", "\(tracing.samplingRatio)")
+        line(2, "service_name", quoted(tracing.serviceName))
+        if tracing.resourceAttributes.isEmpty {
+            line(2, "resource_attributes", "{}")
+        } else {
+            out += "  resource_attributes:\n"
+            for (name, value) in tracing.resourceAttributes.sorted(by: { $0.key < $1.key }) { line(4, quoted(name), quoted(value)) }
+        }
         out += "logging:\n"
         line(2, "level", logging.level)
         line(2, "format", logging.format.rawValue)

@@ -46,9 +46,11 @@ extension SidecarConfiguration {
         let (cache, sharedCache) = readCache(top.mapping("cache"), environment: environment, problems: problems)
         let policies = readPolicies(top.node("policies"), problems: problems)
         let logging = readLogging(top.mapping("logging"))
+        let tracing = readTracing(top.mapping("tracing"), problems: problems)
         top.reportUnknownKeys()
         var configuration = SidecarConfiguration(server: server, introspection: introspection, issuers: issuers, cache: cache, policies: policies, logging: logging)
         configuration.sharedCache = sharedCache
+        configuration.tracing = tracing
         validateRouting(configuration, problems: problems)
         guard problems.messages.isEmpty else {
             throw ConfigurationError(problems: problems.messages)
@@ -423,6 +425,35 @@ extension SidecarConfiguration {
             endpoint: endpoint, sealKey: sealKey, sealKeyFile: sealKeyFile, passwordFile: passwordFile, caFile: caFile,
             verifyTLS: verifyTLS, insecure: insecure, keyPrefix: keyPrefix, timeoutMilliseconds: timeout, degradedTTLSeconds: degraded
         )
+    }
+
+    /// `tracing` (DESIGN.md §12).
+    private static func readTracing(_ reader: MappingReader?, problems: ConfigProblems) -> TracingConfiguration {
+        var tracing = TracingConfiguration()
+        guard let reader else { return tracing }
+        tracing.otlpEndpoint = reader.string("otlp_endpoint")
+        tracing.samplingRatio = reader.number("sampling_ratio", default: 1.0, range: 0...1)
+        tracing.serviceName = reader.string("service_name", default: "authz-sidecar")
+        if let attributes = reader.mapping("resource_attributes") {
+            for name in attributes.keys {
+                if let value = attributes.string(name) { tracing.resourceAttributes[name] = value }
+            }
+            attributes.reportUnknownKeys()
+        }
+        reader.reportUnknownKeys()
+        if let endpoint = tracing.otlpEndpoint {
+            if let components = URLComponents(string: endpoint), let scheme = components.scheme?.lowercased(), scheme == "http" || scheme == "https",
+                let host = components.host, !host.isEmpty
+            {
+                if components.path.hasSuffix("/v1/traces") {
+                    problems.add(reader.key("otlp_endpoint"), "give the collector's base URL: /v1/traces is added")
+                }
+            } else {
+                problems.add(reader.key("otlp_endpoint"), "must be an http(s) URL of an OTLP/HTTP collector, e.g. http://127.0.0.1:4318")
+            }
+        }
+        if tracing.serviceName.isEmpty { problems.add(reader.key("service_name"), "must not be empty") }
+        return tracing
     }
 
     private static func readLogging(_ reader: MappingReader?) -> LoggingConfiguration {

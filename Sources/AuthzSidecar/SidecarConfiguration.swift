@@ -109,6 +109,8 @@ public struct SidecarConfiguration: Sendable, Equatable {
     public var sharedCache: SharedCacheConfiguration?
     public var policies: [PolicyConfiguration]
     public var logging: LoggingConfiguration
+    /// `tracing` (DESIGN.md §12): spans per decision, exported over OTLP; off by default.
+    public var tracing = TracingConfiguration()
 
     public init(
         server: ServerConfiguration = ServerConfiguration(),
@@ -129,5 +131,24 @@ public struct SidecarConfiguration: Sendable, Equatable {
     /// Every issuer: `default` (the top-level `introspection:`) first, then `issuers:`.
     public var allIssuers: [IssuerConfiguration] {
         (introspection.map { [IssuerConfiguration.default($0)] } ?? []) + issuers
+    }
+}
+
+/// `tracing` (DESIGN.md §12).
+public struct TracingConfiguration: Sendable, Equatable {
+    /// OTLP/HTTP collector, e.g. `http://127.0.0.1:4318` (spans go to `<endpoint>/v1/traces`);
+    /// nil = off: no span is made, on any path.
+    public var otlpEndpoint: String?
+    /// The share of decisions without a parent that are sampled; a parent's sampled flag (the
+    /// proxy's `traceparent`) is followed.
+    public var samplingRatio: Double = 1.0
+    public var serviceName: String = "authz-sidecar"
+    public var resourceAttributes: [String: String] = [:]
+
+    public init(otlpEndpoint: String? = nil, samplingRatio: Double = 1.0, serviceName: String = "authz-sidecar", resourceAttributes: [String: String] = [:]) {
+        self.otlpEndpoint = otlpEndpoint
+        self.samplingRatio = samplingRatio
+        self.serviceName = serviceName
+        self.resourceAttributes = resourceAttributes
     }
 }

@@ -70,10 +70,23 @@ struct Serve: AsyncParsableCommand {
                 "authz.shared": "\(configuration.sharedCache?.endpoint.redacted ?? "off")",
             ]
         )
+        // Tracing (DESIGN.md §12): swift-otel's tracer, exporting over OTLP/HTTP; only when
+        // configured, so that with it off no span is made anywhere.
+        var tracingServices: [any Service] = []
+        if let endpoint = configuration.tracing.otlpEndpoint {
+            do {
+                tracingServices.append(try TracingSetup.bootstrap(configuration.tracing, endpoint: endpoint, logger: logger))
+            } catch {
+                FileHandle.standardError.write(Data("tracing: cannot set up the OTLP exporter: \(error)\n".utf8))
+                throw ExitCode(1)
+            }
+        }
         let group = ServiceGroup(
             configuration: .init(
                 // The reloader owns the AS client: it starts first and so stops last.
-                services: [.init(service: ConfigReloader(path: path, configuration: configuration, connections: connections, sidecar: sidecar, logger: logger))]
+                // The tracer starts first and stops last, so that the last spans are exported.
+                services: tracingServices.map { .init(service: $0) }
+                    + [.init(service: ConfigReloader(path: path, configuration: configuration, connections: connections, sidecar: sidecar, logger: logger))]
                     + sidecar.services.map { .init(service: $0) },
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger

@@ -1,6 +1,7 @@
 import Logging
 import Metrics
 import Synchronization
+import Tracing
 import NIOConcurrencyHelpers
 
 /// Caches any introspector's answers, honestly (DESIGN.md §4, §5.3):
@@ -237,7 +238,21 @@ public final class CachingTokenIntrospector: TokenIntrospector {
     private func callUpstream(token: String, digest: TokenDigest, shard: Shard, flight: Flight, stale: TokenInfo?) async -> Outcome {
         var sharedEpoch: SharedEpoch?
         if let shared {
-            switch await shared.load(digest) {
+            let load: SharedLoad
+            if ServiceContext.current != nil {
+                load = await withSpan("authz.shared_store.load", ofKind: .client) { span in
+                    let load = await shared.load(digest)
+                    switch load {
+                    case .hit: span.attributes["authz.shared.result"] = "hit"
+                    case .miss: span.attributes["authz.shared.result"] = "miss"
+                    case .unavailable: span.attributes["authz.shared.result"] = "unavailable"
+                    }
+                    return load
+                }
+            } else {
+                load = await shared.load(digest)
+            }
+            switch load {
             case .hit(let info, let until):
                 if let answer = adoptShared(info, until: until, digest: digest, shard: shard, flight: flight) { return answer }
             case .miss(let epoch):

@@ -1,4 +1,5 @@
 import Metrics
+import Tracing
 import Synchronization
 
 /// Whether the authorization server answered on the last attempt, for `/readyz`.
@@ -36,7 +37,11 @@ public struct InstrumentedTokenIntrospector: TokenIntrospector {
     private let inactive: Counter
     private let factory: any MetricsFactory
 
-    public init(_ upstream: any TokenIntrospector, reachability: ASReachability, metrics factory: any MetricsFactory = MetricsSystem.factory) {
+    /// The issuer's name, on the span of each call.
+    private let issuer: String
+
+    public init(_ upstream: any TokenIntrospector, reachability: ASReachability, metrics factory: any MetricsFactory = MetricsSystem.factory, issuer: String = "default") {
+        self.issuer = issuer
         self.upstream = upstream
         self.reachability = reachability
         self.factory = factory
@@ -48,10 +53,16 @@ public struct InstrumentedTokenIntrospector: TokenIntrospector {
     public func introspect(_ token: String) async throws(IntrospectionError) -> TokenInfo {
         let start = clock.now
         let result: Result<TokenInfo, IntrospectionError>
-        do throws(IntrospectionError) {
-            result = .success(try await upstream.introspect(token))
-        } catch {
-            result = .failure(error)
+        if ServiceContext.current != nil {
+            // A decision's span is in force (tracing on): the AS call is its child.
+            result = await withSpan("authz.introspect", ofKind: .client) { span in
+                span.attributes["authz.issuer"] = issuer
+                let result = await call(token)
+                if case .failure(let error) = result { span.setStatus(SpanStatus(code: .error, message: error.label)) }
+                return result
+            }
+        } else {
+            result = await call(token)
         }
         duration.record(duration: clock.now - start)
         reachability.record(result)
@@ -62,5 +73,13 @@ public struct InstrumentedTokenIntrospector: TokenIntrospector {
             Counter(label: "authz_introspection_calls_total", dimensions: [("outcome", "fault_\(error.label)")], factory: factory).increment()
         }
         return try result.get()
+    }
+
+    private func call(_ token: String) async -> Result<TokenInfo, IntrospectionError> {
+        do throws(IntrospectionError) {
+            return .success(try await upstream.introspect(token))
+        } catch {
+            return .failure(error)
+        }
     }
 }

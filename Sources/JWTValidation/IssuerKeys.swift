@@ -1,6 +1,7 @@
 import Introspection
 import JOSE
 import Logging
+import Tracing
 import Metrics
 import NIOConcurrencyHelpers
 
@@ -28,6 +29,8 @@ public final class IssuerKeys: Sendable {
 
     private let state = NIOLockedValueBox(State())
     private let fetch: Fetch
+    /// The issuer's name, for spans.
+    private let issuer: String
     private let cacheSeconds: Double
     private let minRefetchSeconds: Double
     private let clock: any EpochClock
@@ -49,6 +52,7 @@ public final class IssuerKeys: Sendable {
         self.minRefetchSeconds = minRefetchSeconds
         self.clock = clock
         self.logger = logger
+        self.issuer = name
         self.fetchedOK = Counter(label: "authz_jwks_fetches_total", dimensions: [("issuer", name), ("outcome", "ok")], factory: factory)
         self.fetchFailed = Counter(label: "authz_jwks_fetches_total", dimensions: [("issuer", name), ("outcome", "error")], factory: factory)
     }
@@ -148,18 +152,33 @@ public final class IssuerKeys: Sendable {
     /// Starts the one fetch; called under the lock.
     private func startFlight(_ state: inout State, now: Double) -> Task<Result<JSONWebKeySet, IntrospectionError>, Never> {
         state.attemptedAt = now
+        // The task inherits the requester's trace context: a fetch a decision waits for is a
+        // child span of that decision (DESIGN.md §12).
         let task = Task { [self] () -> Result<JSONWebKeySet, IntrospectionError> in
             let result: Result<JSONWebKeySet, IntrospectionError>
-            do throws(IntrospectionError) {
-                result = .success(try await fetch())
-            } catch {
-                result = .failure(error)
+            if ServiceContext.current != nil {
+                result = await withSpan("authz.jwks_fetch", ofKind: .client) { span in
+                    span.attributes["authz.issuer"] = issuer
+                    let result = await fetchOnce()
+                    if case .failure(let error) = result { span.setStatus(SpanStatus(code: .error, message: error.label)) }
+                    return result
+                }
+            } else {
+                result = await fetchOnce()
             }
             finish(result)
             return result
         }
         state.flight = task
         return task
+    }
+
+    private func fetchOnce() async -> Result<JSONWebKeySet, IntrospectionError> {
+        do throws(IntrospectionError) {
+            return .success(try await fetch())
+        } catch {
+            return .failure(error)
+        }
     }
 
     private func finish(_ result: Result<JSONWebKeySet, IntrospectionError>) {

@@ -1,0 +1,38 @@
+import AuthzSidecar
+import Logging
+import OTel
+import ServiceLifecycle
+import Tracing
+
+/// `tracing` (DESIGN.md §12) on swift-otel: a tracer with W3C trace-context propagation,
+/// parent-based sampling at `sampling_ratio`, batched OTLP/HTTP (protobuf) export to
+/// `<otlp_endpoint>/v1/traces`; installed as the process's tracer. Metrics and logs stay as they
+/// are (Prometheus, the sidecar's own log lines).
+enum TracingSetup {
+    static func bootstrap(_ tracing: TracingConfiguration, endpoint: String, logger: Logger) throws -> any Service {
+        var configuration = OTel.Configuration.default
+        configuration.serviceName = tracing.serviceName
+        configuration.resourceAttributes = tracing.resourceAttributes
+        configuration.diagnosticLogger = .custom(logger)
+        configuration.diagnosticLogLevel = .warning
+        configuration.propagators = [.traceContext]
+        configuration.metrics.enabled = false
+        configuration.logs.enabled = false
+        configuration.traces.enabled = true
+        configuration.traces.exporter = .otlp
+        configuration.traces.otlpExporter.endpoint = endpoint.hasSuffix("/") ? endpoint + "v1/traces" : endpoint + "/v1/traces"
+        configuration.traces.otlpExporter.protocol = .httpProtobuf
+        guard let sampler = OTel.Configuration.TracesConfiguration.SamplerConfiguration.parentBasedTraceIDRatio(ratio: tracing.samplingRatio) else {
+            throw TracingSetupError("sampling_ratio must be between 0 and 1")
+        }
+        configuration.traces.sampler = sampler
+        let backend = try OTel.makeTracingBackend(configuration: configuration)
+        InstrumentationSystem.bootstrap(backend.factory)
+        return backend.service
+    }
+}
+
+struct TracingSetupError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
