@@ -23,6 +23,12 @@ wrk -c1 (latency) and -c16 (throughput). (b) AS calls, counted at the fake AS (G
 stream of requests over distinct tokens spread round-robin over 1, 2 and 4 replicas, without and
 with the store.
 
+Tracing (issue 16, `--tracing`, on by default): three sidecars alike but for their `tracing` block,
+off (no block: today's configuration), sampling_ratio 0.01 and 1.0, the last two exporting OTLP/HTTP
+to a sink of this script (one per sidecar) that answers every export 200 and counts its spans. The
+requests are the hit rows' (no traceparent: every decision is a root, sampled by the ratio); CPU is
+the sidecar's alone, as a ratio to the tracing-off sidecar in the same round.
+
 Every process started here is stopped by its PID at exit (finally, atexit and signal handlers),
 and the whole run has a deadline. Work files (certificates, configs, logs, the report) go to
 <repo>/bench-work/, which is wiped at start. Progress goes to stderr.
@@ -79,6 +85,8 @@ SHARED_PREFIX = "bench:"
 REPLICA_COUNTS = (1, 2, 4)
 REPLICA_TOKENS = 500     # distinct tokens of the replica stream...
 REPLICA_PASSES = 4       # ...each requested this many times (every pass in its own shuffled order)
+TRACING_ROWS = (("tr_1", 0.01, "1%"), ("tr_100", 1.0, "100%"))   # (key, sampling_ratio, label)
+TRACING_SETTLE_S = 6.0   # swift-otel's batch processor exports at least every 5 s
 
 
 def log(msg: str) -> None:
@@ -326,6 +334,114 @@ def parse_wrk(out: str) -> dict:
     m = re.search(r"Socket errors:\s+(.*)$", out, re.M)
     res["errors"] = m.group(1).strip() if m else ""
     return res
+
+
+# ============================================================================ OTLP sink (tracing rows)
+def _varint(buf: memoryview, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _pb_fields(buf: memoryview):
+    """(field number, wire type, value) of each field of a protobuf message; value is the payload of
+    a length-delimited field, else None."""
+    i, n = 0, len(buf)
+    while i < n:
+        key, i = _varint(buf, i)
+        wire = key & 7
+        value = None
+        if wire == 0:
+            _, i = _varint(buf, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 2:
+            length, i = _varint(buf, i)
+            value = buf[i:i + length]
+            i += length
+        elif wire == 5:
+            i += 4
+        else:
+            raise ValueError(f"wire type {wire}")
+        if i > n:
+            raise ValueError("truncated message")
+        yield key >> 3, wire, value
+
+
+def count_otlp_spans(body: bytes) -> int:
+    """Spans in an OTLP ExportTraceServiceRequest: resource_spans (1) -> scope_spans (2) -> spans (2)."""
+    return sum(1 for f1, w1, rs in _pb_fields(memoryview(body)) if f1 == 1 and w1 == 2
+               for f2, w2, ss in _pb_fields(rs) if f2 == 2 and w2 == 2
+               for f3, w3, _ in _pb_fields(ss) if f3 == 2 and w3 == 2)
+
+
+class OtlpSink:
+    """OTLP/HTTP trace sink on 127.0.0.1 (a thread of this script): every POST /v1/traces is answered
+    200 with an empty ExportTraceServiceResponse; exports, bytes and spans are counted."""
+
+    def __init__(self):
+        self.exports = self.bytes = self.spans = self.bad = 0
+        self.lock = threading.Lock()
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_a):
+                pass
+
+            def _body(self) -> bytes:
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    parts = []
+                    while True:
+                        size = int(self.rfile.readline(1024).split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            while self.rfile.readline(8192).strip():
+                                pass
+                            return b"".join(parts)
+                        parts.append(self.rfile.read(size))
+                        self.rfile.read(2)
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def do_POST(self):
+                try:
+                    body = self._body()
+                    if (self.headers.get("Content-Encoding") or "").lower() == "gzip":
+                        import gzip
+                        body = gzip.decompress(body)
+                    spans = count_otlp_spans(body) if self.path.split("?")[0] == "/v1/traces" else 0
+                    ok = True
+                except (ValueError, OSError, IndexError):
+                    spans, ok = 0, False
+                with sink.lock:
+                    sink.exports += 1
+                    sink.bytes += len(body) if ok else 0
+                    sink.spans += spans
+                    sink.bad += 0 if ok else 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, name="otlp-sink", daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 # ============================================================================ scenarios
@@ -1111,6 +1227,90 @@ end
                                  f"http://127.0.0.1:{self.sc_port}/metrics")
         self.coalesce_met = met_slow and met_fast
 
+    # ------------------------------------------------------------------ tracing (issue 16)
+    def tracing_group(self) -> Group:
+        """Sidecars alike but for `tracing`: off (no block, today's configuration), and on at each
+        ratio of TRACING_ROWS exporting to a sink of its own. The hit requests carry no traceparent,
+        so every decision is a root span, sampled by sampling_ratio."""
+        self.tracing_sinks: dict[str, OtlpSink] = {}
+        self.tracing_procs: list[subprocess.Popen] = []
+        port = stack.free_port()
+        off_proc = self.start_sidecar("sidecar-trace-off", f"127.0.0.1:{port}", self.as_port)
+        self.tracing_procs.append(off_proc)
+        h = self.hit_headers()
+        ref = Scenario("tr_off", "sidecar hit, direct, tracing off (no tracing block)", f"http://127.0.0.1:{port}/authz",
+                       h, lambda p=off_proc: [p.pid], negative_headers=self.without_token(h))
+        subjects = []
+        for key, ratio, label in TRACING_ROWS:
+            sink = OtlpSink()
+            self.tracing_sinks[key] = sink
+            port = stack.free_port()
+            yaml = self.sidecar_yaml(f"127.0.0.1:{port}", self.as_port) + f"""tracing:
+  otlp_endpoint: {json.dumps(sink.url)}
+  sampling_ratio: {ratio}
+  service_name: authz-sidecar-bench
+"""
+            proc = self.start_sidecar(f"sidecar-trace-{key[3:]}", f"127.0.0.1:{port}", self.as_port, yaml=yaml)
+            self.tracing_procs.append(proc)
+            subjects.append(Scenario(key, f"sidecar hit, direct, tracing on, {label} sampled (no traceparent)",
+                                     f"http://127.0.0.1:{port}/authz", h, lambda p=proc: [p.pid],
+                                     negative_headers=self.without_token(h)))
+        return Group("tracing", ref, subjects, self.rounds, self.duration)
+
+    def tracing(self) -> None:
+        log("tracing: sidecars with tracing off / on at " + " / ".join(label for _, _, label in TRACING_ROWS))
+        try:
+            g = self.tracing_group()
+            self.rows += [g.reference] + g.subjects
+            self.measure_group(g)
+            time.sleep(TRACING_SETTLE_S)     # the last batch of each sidecar
+            self.tracing_exported = {key: (sink.spans, sink.exports, sink.bad) for key, sink in self.tracing_sinks.items()}
+        except (RuntimeError, OSError, TimeoutError) as e:
+            self.failures.append(f"tracing rows: {e}")
+            log(f"ERROR tracing rows: {e}")
+        finally:
+            for proc in getattr(self, "tracing_procs", []):
+                PROCS.stop("tracing sidecar", proc)
+                PROCS.forget(proc)
+            for sink in getattr(self, "tracing_sinks", {}).values():
+                sink.stop()
+
+    def tracing_targets(self, by_key: dict, met) -> None:
+        if not self.args.tracing:
+            return
+        off = by_key.get("tr_off")
+        if not (off and off.runs):
+            self.targets.append("- tracing: **n/a** (not measured)")
+            return
+        off_us = statistics.median(r.cpu_us_per_req for r in off.runs)
+        exported = getattr(self, "tracing_exported", {})
+        for key, ratio, label in TRACING_ROWS:
+            s = by_key.get(key)
+            if not (s and s.runs):
+                self.targets.append(f"- tracing on at {label}: **n/a** (not measured)")
+                continue
+            us = statistics.median(r.cpu_us_per_req for r in s.runs)
+            cpu, rps, p50 = (self.median_ratio(s, w) for w in ("cpu", "rps", "p50"))
+            requests = sum(r.requests for r in s.runs)
+            spans, exports, bad = exported.get(key, (0, 0, 0))
+            detail = (f"CPU {cpu:.2f}× tracing off ({us:.1f} against {off_us:.1f} µs/req, {us - off_us:+.1f} µs), "
+                      f"req/s {rps:.2f}×, p50 {p50:.2f}×; the sink got {spans:,} spans in {exports:,} exports"
+                      + (f" ({bad} unreadable)" if bad else "")
+                      + f" for {requests:,} measured requests (+ first requests and warm-ups)")
+            if ratio < 1.0:
+                self.targets.append(f"- tracing on at {label} sampling: CPU per hit ≤ 1.1× tracing off — {detail} "
+                                    f"— **{met(cpu <= 1.1)}**")
+            else:
+                self.targets.append(f"- tracing on at {label} sampling (stated, no target): {detail}")
+        hit = by_key.get("hit_nginx")
+        if hit and hit.runs:
+            hit_us = statistics.median(r.cpu_us_per_req for r in hit.runs)
+            ratio = self.median_ratio(hit, "cpu")
+            self.targets.append(f"- (context) tracing off is today's hit path: the tracing-off sidecar {off_us:.1f} µs/req; "
+                                f"the direct group's hit row (the same configuration) {hit_us:.1f} µs/req = "
+                                f"{'n/a' if ratio is None else f'{ratio:.2f}×'} the reference NIO, the ratio to compare "
+                                "with earlier reports")
+
     # ------------------------------------------------------------------ the shared cache (issue 14)
     def redis(self, *args) -> object:
         """One command to the bench redis-server (a connection per call; RESP2, enough for this)."""
@@ -1534,6 +1734,7 @@ end
             if parts:
                 self.targets.append(f"- (context) the decision's own cost: sidecar hit CPU against the same HTTP layer writing the same "
                                     f"answer without deciding ({raw_cpu:.1f} µs): {', '.join(parts)}")
+        self.tracing_targets(by_key, met)
         self.jwt_targets(by_key, met)
         self.dpop_target(by_key, met)
         self.shared_targets(by_key, met)
@@ -1647,7 +1848,11 @@ end
             "sidecar and NIO reference use SwiftNIO's default event loop group (one thread per core); "
             f"fake AS answers every token active + bound to client1 after {COLD_AS_LATENCY_MS} ms"
             + ("; shared cache rows: redis-server on loopback without persistence, sidecars with "
-               "`cache.shared` (timeout_ms 50), sidecar + redis-server CPU counted" if self.shared_ran else ""),
+               "`cache.shared` (timeout_ms 50), sidecar + redis-server CPU counted" if self.shared_ran else "")
+            + ("; tracing rows: three sidecars alike but for `tracing` (none / sampling_ratio "
+               + " / ".join(str(r) for _, r, _ in TRACING_ROWS) + "), exporting OTLP/HTTP protobuf with swift-otel's "
+               "default batching to a sink thread of bench.py that answers 200, requests without traceparent, "
+               "sidecar CPU only" if self.args.tracing else ""),
         ]
 
     def report(self, elapsed: float) -> str:
@@ -1656,7 +1861,7 @@ end
         out = [f"## authz-sidecar benchmark ({self.mode})", ""] + self.machine_info() + [""]
         out += ["| scenario | req/s | × ref | p50 ms | p99 ms | CPU µs/req | × ref | reference |",
                 "|---|---:|---:|---:|---:|---:|---:|---|"]
-        order = ["ref", "ref_answer", "ref_answer_raw", "hit_nginx", "hit_xfcc", "ng_ref", "ng_ref_answer", "ng_tcp", "ng_unix", "ng_ret200", "ng_introspect",
+        order = ["ref", "ref_answer", "ref_answer_raw", "hit_nginx", "hit_xfcc", "tr_off", "tr_1", "tr_100", "ng_ref", "ng_ref_answer", "ng_tcp", "ng_unix", "ng_ret200", "ng_introspect",
                  "ng_decision", "ng_noauth", "jwt_ref", "jwt_hit", "jwt_first_RS256", "jwt_first_ES256", "dpop", "cold_ref", "cold",
                  "sh_ref1", "sh_hit1", "sh_ref16", "sh_hit16"]
         for key in order:
@@ -1694,6 +1899,8 @@ end
         for g in hit_groups:
             self.rows += [g.reference] + g.subjects
             self.measure_group(g)
+        if self.args.tracing:
+            self.tracing()
         if not self.args.no_envoy:
             eg = self.envoy_group()
             if eg:
@@ -1732,9 +1939,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--no-envoy", action="store_true", help="skip the Envoy rows")
     p.add_argument("--shared", action=argparse.BooleanOptionalAction, default=True,
                    help="the shared-cache rows (default on; skipped with a note when redis-server is missing)")
+    p.add_argument("--tracing", action=argparse.BooleanOptionalAction, default=True,
+                   help="the tracing rows: hit path with tracing off / on at 1%% / on at 100%% (default on)")
     p.add_argument("--workdir", default=str(REPO / "bench-work"), help="wiped at start (default <repo>/bench-work)")
     p.add_argument("--bin-dir", help="authz-sidecar and authz-bench (default .build/release)")
-    p.add_argument("--deadline", type=float, help="abort after this many seconds (default 420 quick / 1800 full)")
+    p.add_argument("--deadline", type=float,
+                   help="abort after this many seconds (default 420 quick / 1800 full, +60 / +120 with --tracing)")
     p.add_argument("--no-build", action="store_true", help=argparse.SUPPRESS)   # handled by bench.sh
     args = p.parse_args(argv)
 
@@ -1746,7 +1956,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, on_signal)
-    deadline = args.deadline or (420 if args.quick else 1800)
+    deadline = args.deadline or ((420 if args.quick else 1800) + ((60 if args.quick else 120) if args.tracing else 0))
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(int(deadline))
     atexit.register(PROCS.stop_all)

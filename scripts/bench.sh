@@ -10,6 +10,7 @@
 #        scripts/bench.sh --quick              # ~2.5 min smoke run (CI); no pass/fail thresholds
 #        scripts/bench.sh                      # full run, ~11 min
 #        --shared / --no-shared                # the shared-cache rows (redis-server); on by default
+#        --tracing / --no-tracing              # the tracing rows (off / 1% / 100% sampled hits); on by default
 # Environment: ENVOY_BIN (use this Envoy), BENCH_BIN_DIR (binaries; default .build/release)
 # Exit status: 0 when every scenario ran (whatever the numbers), non-zero otherwise.
 set -euo pipefail
@@ -27,7 +28,7 @@ for a in "$@"; do
     --no-build) BUILD=no ;;
     --no-shared) SHARED=no; ARGS+=("$a") ;;
     --shared) SHARED=yes; ARGS+=("$a") ;;
-    -h|--help) sed -n '2,14p' "$0"; exec python3 "$REPO/scripts/bench.py" --help ;;
+    -h|--help) sed -n '2,15p' "$0"; exec python3 "$REPO/scripts/bench.py" --help ;;
     *) ARGS+=("$a") ;;
   esac
 done

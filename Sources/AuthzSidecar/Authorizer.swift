@@ -84,13 +84,7 @@ public final class Authorizer: Sendable {
 
     /// Decides and renders the answer for the proxy that asked.
     public func answer(_ request: AccessRequest) async -> AuthzAnswer {
-        if tracesSome, wantsTrace(request) {
-            let explanation = await explain(request)
-            var fields: Logger.Metadata = ["authz.trace": .array(explanation.steps.map { .string("\($0.name): \($0.result)") })]
-            if let id = request.requestID { fields["authz.request_id"] = "\(id)" }
-            logger.notice("decision trace", metadata: fields)
-            return explanation.answer
-        }
+        if tracesSome, wantsTrace(request) { return await explainAndLog(request).answer }
         let (outcome, policy, dpopContext) = await decideAndExplain(request, parent: nil)
         return render(outcome, policy: policy, front: request.front, dpop: dpopContext)
     }
@@ -211,9 +205,16 @@ public final class Authorizer: Sendable {
             if let replayed = consume(proof, policy: evaluation.policy, digest: digest, request: request, started: started) {
                 trace.add("dpop proof", "replayed: its jti was used before")
                 outcome = replayed
+            } else if let proof, let sharedReplay,
+                await sharedReplay.firstUse(ofProof: proof.proof.replayKey, windowSeconds: proof.proof.windowSeconds) == false
+            {
+                trace.add("dpop proof", "replayed: its jti was used before, at another replica")
+                outcome = .decision(.deny(Denial(.dpopProof, detail: "the proof (jti) was used before, at another replica")))
+                record(outcome, policy: evaluation.policy, digest: digest, request: request, started: started)
             } else {
                 do {
                     let answer = try await issuer.cache.lookup(token: token, digest: digest)
+                    trace.cache = answer.source.rawValue
                     trace.add("validation", "\(answer.source.rawValue): \(answer.info.traceSummary)")
                     outcome = .decision(evaluation.decide(token: answer.info, request: request, now: clock.now(), issuer: issuer, dpopKey: proof?.key, trace: trace))
                 } catch {
@@ -229,7 +230,26 @@ public final class Authorizer: Sendable {
         case .decision(.deny(let denial)): trace.add("decision", "deny \(denial.status): \(denial.reason.rawValue)" + (denial.detail.map { " (\($0))" } ?? ""))
         case .fault(let error): trace.add("decision", "fault \(answer.status): \(error)")
         }
-        return Explanation(steps: trace.steps, outcome: outcome, answer: answer)
+        return Explanation(steps: trace.steps, outcome: outcome, answer: answer, summary: trace)
+    }
+
+    /// Decides a request to trace (`wantsTrace`), logging its steps in one line at notice level.
+    func explainAndLog(_ request: AccessRequest) async -> Explanation {
+        let explanation: Explanation
+        if spans {
+            explanation = await withSpan("authz.decision", context: ServiceContext.current ?? Self.parentContext(of: request), ofKind: .server) { span in
+                let explanation = await explain(request)
+                Self.annotate(span, trace: explanation.summary, request: request, status: explanation.answer.status, outcome: explanation.outcome)
+                return explanation
+            }
+        } else {
+            explanation = await explain(request)
+        }
+        var fields: Logger.Metadata = ["authz.trace": .array(explanation.steps.map { .string("\($0.name): \($0.result)") })]
+        if let id = request.requestID { fields["authz.request_id"] = "\(id)" }
+        fields["authz.front"] = "\(request.front.rawValue)"
+        logger.notice("decision trace", metadata: fields)
+        return explanation
     }
 
     /// A JWT (three dot-separated parts) or an opaque token, as the trace names it.
@@ -239,6 +259,8 @@ public final class Authorizer: Sendable {
 
     /// Whether this request's decision is to be logged step by step: `X-Authz-Debug` from a
     /// trusted proxy (`server.trust_debug_header`), or a policy with `debug_log: true`.
+    var tracesSomeRequests: Bool { tracesSome }
+
     func wantsTrace(_ request: AccessRequest) -> Bool {
         if configuration.server.trustDebugHeader, request.headers.first(name: "X-Authz-Debug") != nil { return true }
         guard hasDebugPolicies, case .selected(let evaluation) = select(for: request) else { return false }

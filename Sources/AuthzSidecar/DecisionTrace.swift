@@ -37,6 +37,8 @@ public struct Explanation: Sendable {
     public var steps: [DecisionTrace.Step]
     public var outcome: Authorizer.Outcome
     public var answer: AuthzAnswer
+    /// What a span of the decision says.
+    var summary: DecisionTrace
 }
 
 extension TokenInfo {

@@ -22,6 +22,12 @@ public struct EnvoyGRPCService: Envoy_Service_Auth_V3_Authorization.SimpleServic
     public func check(request: Envoy_Service_Auth_V3_CheckRequest, context: ServerContext) async throws -> Envoy_Service_Auth_V3_CheckResponse {
         let authorizer = slot.current
         let access = Self.accessRequest(request, trustPolicyHeader: authorizer.configuration.server.trustPolicyHeader)
+        if authorizer.tracesSomeRequests, authorizer.wantsTrace(access) {
+            // The debug log of this one decision (X-Authz-Debug behind trust, or debug_log).
+            let explanation = await authorizer.explainAndLog(access)
+            if case .fault = explanation.outcome { throw RPCError(code: .unavailable, message: "authorization server unavailable") }
+            return Self.checkResponse(explanation.answer)
+        }
         // The parent span: from the call's metadata (TraceContextInterceptor), else the headers.
         let (outcome, policy, dpop) = await authorizer.decideAndExplain(access, parent: ServiceContext.current)
         if case .fault = outcome {

@@ -30,8 +30,18 @@ public struct JSONLogHandler: LogHandler {
             "message": .string(event.message.description),
         ]
         for (key, value) in handlerMetadata.merging(event.metadata ?? [:], uniquingKeysWith: { $1 }) {
-            fields[key] = .string(value.description)
+            fields[key] = json(value)
         }
         return JSONValue.object(fields).compactJSON
+    }
+
+    /// A metadata value as JSON: a list stays a list (the steps of a decision trace), a
+    /// dictionary an object, anything else its text.
+    static func json(_ value: Logger.MetadataValue) -> JSONValue {
+        switch value {
+        case .array(let items): return .array(items.map(json))
+        case .dictionary(let members): return .object(members.mapValues(json))
+        default: return .string(value.description)
+        }
     }
 }

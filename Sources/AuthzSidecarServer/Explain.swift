@@ -45,6 +45,32 @@ struct Explain: AsyncParsableCommand {
     @Option(name: .customLong("header"), help: ArgumentHelp("Another request header, \"Name: value\" (repeatable).", valueName: "header"))
     var headers: [String] = []
 
+    static func urlEncoded(_ pem: String) -> String {
+        pem.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? pem
+    }
+
+    /// A PEM certificate as a proxy would send it in a header of this format.
+    static func certificate(_ pem: String, as format: CertificateFormat) throws -> String {
+        let der: Data? = {
+            let body = pem.components(separatedBy: "\n").filter { !$0.hasPrefix("-----") }.joined()
+            return Data(base64Encoded: body)
+        }()
+        switch format {
+        case .pem:
+            return pem.replacingOccurrences(of: "\n", with: " ")
+        case .derBase64:
+            guard let der else { throw ValidationError("--cert: not a PEM certificate") }
+            return der.base64EncodedString()
+        case .rfc9440:
+            guard let der else { throw ValidationError("--cert: not a PEM certificate") }
+            return ":" + der.base64EncodedString() + ":"
+        case .xfcc:
+            return "Cert=\"" + urlEncoded(pem) + "\""
+        default:
+            return urlEncoded(pem)
+        }
+    }
+
     func run() async throws {
         let configuration: SidecarConfiguration
         do {
@@ -58,8 +84,10 @@ struct Explain: AsyncParsableCommand {
         }
         var token = self.token
         if let tokenFile {
-            guard let text = try? String(contentsOfFile: tokenFile, encoding: .utf8) else { throw ValidationError("cannot read \(tokenFile)") }
-            token = text.trimmingCharacters(in: .whitespacesAndNewlines)
+            // "-": standard input (keeps the token out of the command line and off the disk).
+            let data = tokenFile == "-" ? FileHandle.standardInput.readDataToEndOfFile() : (FileManager.default.contents(atPath: tokenFile) ?? (try? FileHandle(forReadingFrom: URL(fileURLWithPath: tokenFile)).readToEnd()) ?? nil)
+            guard let data else { throw ValidationError("cannot read \(tokenFile)") }
+            token = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
         }
 
         var request = HTTPHeaders()
@@ -71,20 +99,29 @@ struct Explain: AsyncParsableCommand {
         request.add(name: "X-Forwarded-Proto", value: scheme)
         if let token { request.add(name: "Authorization", value: (dpop == nil ? "Bearer " : "DPoP ") + token) }
         if let dpop { request.add(name: "DPoP", value: dpop) }
+        var peerCertificate: String?
         if let cert {
             guard let pem = try? String(contentsOfFile: cert, encoding: .utf8) else { throw ValidationError("cannot read \(cert)") }
-            // As nginx's $ssl_client_escaped_cert, in every header a policy reads it from.
-            let escaped = pem.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? pem
-            for name in Set(configuration.policies.compactMap(\.certificateHeader)) { request.add(name: name, value: escaped) }
+            // In every header a policy reads a certificate from, in that policy's format (the first
+            // policy naming a header decides its format); and as the peer certificate for policies
+            // without a header (Envoy's gRPC mode).
+            var written = Set<String>()
+            for policy in configuration.policies {
+                guard let name = policy.certificateHeader else { continue }
+                guard written.insert(name.lowercased()).inserted else { continue }
+                request.add(name: name, value: try Self.certificate(pem, as: policy.certificateFormat))
+            }
+            peerCertificate = Self.urlEncoded(pem)
         }
         if let xfcc { request.add(name: "x-forwarded-client-cert", value: xfcc) }
         for header in headers {
             guard let colon = header.firstIndex(of: ":") else { throw ValidationError("--header takes \"Name: value\", not \(header)") }
             request.add(name: String(header[..<colon]).trimmingCharacters(in: .whitespaces), value: String(header[header.index(after: colon)...]).trimmingCharacters(in: .whitespaces))
         }
-        guard let access = AccessRequest(method: "GET", target: "/authz", headers: request, trustPolicyHeader: configuration.server.trustPolicyHeader) else {
+        guard var access = AccessRequest(method: "GET", target: "/authz", headers: request, trustPolicyHeader: configuration.server.trustPolicyHeader) else {
             throw ValidationError("cannot build the request")
         }
+        access.peerCertificate = peerCertificate
 
         // The real backends, a cache of this command's own, no shared store, quiet logs.
         var logger = Logger(label: "authz")

@@ -12,11 +12,12 @@ spans and the sidecar's land in the same receiver):
      "scope": instrumentation scope name, "trace_state": str, "flags": int,
      "start_ns": int, "end_ns": int, "events": [{"name", "attributes"}], "links": [...]}
 
-Content types: application/x-protobuf (what Envoy and swift-otel send), application/json (OTLP/JSON:
-trace and span ids are hex there, not base64, so they are converted before
-google.protobuf.json_format parses the body); Content-Encoding gzip is accepted. The answer is 200
-with an empty ExportTraceServiceResponse in the request's encoding. Anything else: 404 / 405 / 415
-/ 400, counted in .rejected.
+Content types: application/x-protobuf (what Envoy and swift-otel send), application/json
+(OTLP/JSON: trace and span ids are hex there, not base64, so they are converted before
+google.protobuf.json_format parses the body). Bodies with Content-Length or chunked (Envoy 1.40's
+exporter sends Transfer-Encoding: chunked); Content-Encoding gzip is accepted. The answer is 200
+with an empty ExportTraceServiceResponse in the request's encoding. Anything else: 404 / 405 / 411
+/ 415 / 400, each recorded in .rejected.
 
     with OtlpReceiver() as rx:            # or rx = OtlpReceiver().start(); ...; rx.stop()
         endpoint = rx.url                 # http://127.0.0.1:PORT (the sidecar appends /v1/traces)
@@ -257,13 +258,38 @@ class OtlpReceiver:
 
             do_PUT = do_DELETE = do_GET
 
+            def _read_chunked(self) -> "bytes | None":
+                """A Transfer-Encoding: chunked body (Envoy's OTLP/HTTP exporter sends one)."""
+                parts, total = [], 0
+                while True:
+                    line = self.rfile.readline(1024)
+                    try:
+                        size = int(line.split(b";")[0].strip(), 16)
+                    except ValueError:
+                        return None
+                    if size == 0:
+                        while self.rfile.readline(8192).strip():   # trailers, up to the empty line
+                            pass
+                        return b"".join(parts)
+                    total += size
+                    if total > MAX_BODY:
+                        return None
+                    parts.append(self.rfile.read(size))
+                    if self.rfile.read(2) != b"\r\n":
+                        return None
+
             def do_POST(self):
                 length = self.headers.get("Content-Length")
-                if length is None or not length.isdigit() or int(length) > MAX_BODY:
-                    # chunked uploads are not used by Envoy or swift-otel; refuse rather than guess
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    body = self._read_chunked()
+                    if body is None:
+                        self.close_connection = True
+                        return self._refuse(400, "malformed or oversized chunked body")
+                elif length is not None and length.isdigit() and int(length) <= MAX_BODY:
+                    body = self.rfile.read(int(length))
+                else:
                     self.close_connection = True
-                    return self._refuse(411, "Content-Length required")
-                body = self.rfile.read(int(length))
+                    return self._refuse(411, "Content-Length or chunked body required")
                 if self.path.split("?")[0] != TRACES_PATH:
                     return self._refuse(404, f"only {TRACES_PATH}")
                 ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()

@@ -12,7 +12,10 @@
      sidecar, while an operator's `map` + `proxy_set_header X-Authz-Debug` does;
   5. through the real Envoy (deploy/envoy.yaml, HTTP, and deploy/envoy-grpc.yaml, gRPC): a
      client's x-authz-debug is removed; a `debug_log: true` policy is traced in both modes
-     (skipped when no Envoy can be installed).
+     (skipped when no Envoy can be installed);
+  6. a traced decision is the same decision: a DPoP proof replayed at another replica (shared
+     store, a real redis-server) is refused whether the policy traces or not (skipped without
+     redis-server).
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ import os
 import re
 import secrets
 import shutil
+import signal
+import ssl
 import subprocess
 import time
 import urllib.parse
@@ -31,9 +36,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import envoy_support
-from conftest import (ALL_TOKENS, INTROSPECTION_CLIENT_ID, INTROSPECTION_CLIENT_SECRET, KONG_DENIED,
+from conftest import (_LOGS, ALL_TOKENS, INTROSPECTION_CLIENT_ID, INTROSPECTION_CLIENT_SECRET, KONG_DENIED,
                       KONG_UNAUTHENTICATED, KONG_UNAVAILABLE, REPO, SIDECAR_BIN, EdgeClient, Nginx, QuietHandler,
-                      Sidecar, http_request, kong_body, serve, shut_down, stack, to_yaml)
+                      Sidecar, http_request, kong_body, serve, shut_down, stack, stop_process, to_yaml)
 from envoy_support import DEPLOY_ENVOY, DEPLOY_ENVOY_GRPC, Envoy
 from jose_support import b64u, compact, discovery_doc, jwk_int, keep
 
@@ -365,7 +370,6 @@ def test_certificate_bound_token(config, fake_as, certs):
 
 def xfcc_of(certs: Path, name: str) -> str:
     pem = (certs / f"{name}.crt").read_text()
-    import ssl
     digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
     return f'Hash={digest};Cert="{urllib.parse.quote(pem, safe="")}";Subject="CN={name}"'
 
@@ -786,6 +790,32 @@ def test_debug_log_policy_is_traced_without_the_header(untrusting, fake_as):
     assert token not in untrusting.log_path.read_text(errors="replace")
 
 
+def test_a_reload_turns_trust_debug_header_on(work, fake_as):
+    sc = Sidecar(work / "sidecar-reload", debug_config(fake_as, {}, DEBUG_POLICIES[:1]), name="sidecar-debug-reload")
+    try:
+        token = fake_as.add_token(new_token(), active())
+        unknown = new_token("unknown")
+        assert ask(sc, "/api/items", token, debug=True)[0].status == 200
+        _, before = ask(sc, "/api/items", unknown, debug=True)
+        wait_for(sc, before, "denied")
+        settle(sc)
+        assert [o for o in log_objects(sc) if o.get("message") == "decision trace"] == []
+
+        config = debug_config(fake_as, {"trust_debug_header": True, "listen": f"127.0.0.1:{sc.port}"}, DEBUG_POLICIES[:1])
+        sc.config_path.write_text(to_yaml(config) + "\n")
+        sc.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not any(o.get("message") == "configuration reloaded" for o in log_objects(sc)):
+            assert time.monotonic() < deadline, "no `configuration reloaded` line"
+            time.sleep(0.05)
+        resp, rid = ask(sc, "/api/items", unknown, debug=True)
+        assert resp.status == 401, resp
+        steps = trace_steps(wait_for(sc, rid, "decision trace"))
+        assert steps[-1] == "decision: deny 401: inactive", steps
+    finally:
+        sc.stop()
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Through nginx: a client cannot switch the trace on; an operator can
 DEBUG_CLEARED = ("operator's IP, to trace chosen requests.\n"
@@ -887,11 +917,37 @@ def envoy_fronts(work, envoy_path, certs, fake_as, echo):
                              source=DEPLOY_ENVOY, name="envoy-debug-http"))
         started.append(Envoy(envoy_path, work / "envoy-grpc", certs, upstream_port=echo.port,
                              sidecar_grpc_port=grpc_port, source=DEPLOY_ENVOY_GRPC, name="envoy-debug-grpc"))
-        yield sc, {"http": EdgeClient(started[0].port, certs), "grpc": EdgeClient(started[1].port, certs)}
+        render = envoy_support.render_envoy_conf
+        envoy_support.render_envoy_conf = operator_envoy_conf(render)
+        try:
+            started.append(Envoy(envoy_path, work / "envoy-operator", certs, upstream_port=echo.port,
+                                 sidecar_port=sc.port, source=DEPLOY_ENVOY, name="envoy-debug-operator"))
+        finally:
+            envoy_support.render_envoy_conf = render
+        yield sc, {"http": EdgeClient(started[0].port, certs), "grpc": EdgeClient(started[1].port, certs),
+                   "operator": EdgeClient(started[2].port, certs)}
     finally:
         for e in reversed(started):
             e.stop()
         sc.stop()
+
+
+AUTHZ_PATH_PREFIX = "                path_prefix: /authz\n"
+
+
+def operator_envoy_conf(render):
+    """render_envoy_conf, then the README's Envoy recipe: x-authz-debug added to the check request
+    itself (http_service.authorization_request.headers_to_add)."""
+    def rendered(*args, **kwargs):
+        out = render(*args, **kwargs)
+        text = out.read_text()
+        assert text.count(AUTHZ_PATH_PREFIX) == 1, "deploy/envoy.yaml's http_service changed shape"
+        out.write_text(text.replace(AUTHZ_PATH_PREFIX, AUTHZ_PATH_PREFIX + (
+            "                authorization_request:\n"
+            "                  headers_to_add:\n"
+            '                  - { key: x-authz-debug, value: "1" }\n')))
+        return out
+    return rendered
 
 
 def traces_of(sc: Sidecar, token: str) -> list[dict]:
@@ -925,6 +981,21 @@ def test_envoy_removes_a_clients_debug_header(envoy_fronts, fake_as, echo, mode)
     assert traces_of(sc, token) == [] and traces_of(sc, unknown) == [], f"a client's x-authz-debug went through Envoy ({mode})"
 
 
+def test_envoy_operator_can_add_the_debug_header(envoy_fronts, fake_as):
+    sc, edges = envoy_fronts
+    token = fake_as.add_token(new_token(), active())
+    resp = edges["operator"].request("/token-mtls/items", token=token)
+    assert resp.status == 200, resp
+    deadline = time.monotonic() + 5
+    while not traces_of(sc, token) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    found = traces_of(sc, token)
+    assert len(found) == 1, "headers_to_add: x-authz-debug did not trace the request"
+    steps = trace_steps(found[0])
+    assert steps[1].startswith("policy: token-mtls"), steps
+    assert steps[-1] == "decision: allow", steps
+
+
 @pytest.mark.parametrize("mode", ["http", "grpc"])
 def test_envoy_debug_log_policy_is_traced(envoy_fronts, fake_as, mode):
     sc, edges = envoy_fronts
@@ -938,3 +1009,69 @@ def test_envoy_debug_log_policy_is_traced(envoy_fronts, fake_as, mode):
     assert len(found) == 1, f"a debug_log policy was not traced through Envoy in {mode} mode"
     steps = trace_steps(found[0])
     assert steps[-1] == "decision: allow", steps
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Traced or not, the same decision: a DPoP proof replayed at another replica
+REDIS_SERVER = shutil.which("redis-server")
+DPOP_POLICIES = [
+    {"name": "plain-dpop", "match": {"path_prefix": "/plain-dpop/"}},
+    {"name": "traced-dpop", "match": {"path_prefix": "/traced-dpop/"}, "debug_log": True},
+]
+
+
+def dpop_ask(sc: Sidecar, path: str, token: str, proof: str):
+    return http_request(sc.base, "/authz", headers={
+        "Host": HOST, "X-Original-URI": path, "X-Original-Method": "GET", "X-Forwarded-Proto": "https",
+        "Authorization": f"DPoP {token}", "DPoP": proof})
+
+
+@pytest.fixture(scope="module")
+def dpop_replicas(work, fake_as):
+    """Two replicas sharing a redis-server (the cross-replica DPoP replay check, DESIGN.md §11)."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (scripts/test.sh installs it)")
+    rdir = work / "redis"
+    rdir.mkdir()
+    port = stack.free_port()
+    log_path = rdir / "redis.log"
+    with open(log_path, "wb") as log:
+        redis = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                  "--appendonly", "no", "--dir", str(rdir), "--daemonize", "no"],
+                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(rdir))
+    _LOGS.append(("redis (explain)", log_path))
+    replicas = []
+    try:
+        stack.wait_port("127.0.0.1", port, timeout=10, proc=redis)
+        seal = rdir / "seal.key"
+        seal.write_text(secrets.token_hex(32) + "\n")
+        seal.chmod(0o600)
+        cfg = debug_config(fake_as, {}, DPOP_POLICIES)
+        cfg["cache"]["shared"] = {"url": f"redis://127.0.0.1:{port}/0", "seal_key_file": str(seal),
+                                  "key_prefix": "explain:", "timeout_ms": 1000}
+        for name in ("a", "b"):
+            replicas.append(Sidecar(work / f"sidecar-dpop-{name}", cfg, name=f"sidecar-dpop-{name}"))
+        # the first use of the store connects: not during the test
+        key = ec.generate_private_key(ec.SECP256R1())
+        token = fake_as.add_token(new_token(), active(cnf={"jkt": jkt(key)}, token_type="DPoP"))
+        for sc in replicas:
+            dpop_ask(sc, "/plain-dpop/warm", token, dpop_proof(key, token, url("/plain-dpop/warm")))
+        yield replicas
+    finally:
+        for sc in replicas:
+            sc.stop()
+        stop_process(redis)
+
+
+@pytest.mark.parametrize("policy", ["plain-dpop", "traced-dpop"])
+def test_a_proof_replayed_at_another_replica_is_refused_traced_or_not(dpop_replicas, fake_as, policy):
+    a, b = dpop_replicas
+    key = ec.generate_private_key(ec.SECP256R1())
+    token = fake_as.add_token(new_token(), active(cnf={"jkt": jkt(key)}, token_type="DPoP"))
+    path = f"/{policy}/items"
+    proof = dpop_proof(key, token, url(path))
+    first = dpop_ask(a, path, token, proof)
+    assert first.status == 200, first
+    replayed = dpop_ask(b, path, token, proof)
+    assert replayed.status == 401, f"a proof used at replica a was accepted at replica b ({policy}): {replayed}"
+    assert 'error="invalid_dpop_proof"' in (replayed.header("WWW-Authenticate") or ""), replayed

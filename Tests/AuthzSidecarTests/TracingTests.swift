@@ -1,0 +1,123 @@
+import HTTPTypes
+import InMemoryTracing
+import Introspection
+import Logging
+import Metrics
+import Testing
+import Tracing
+
+@testable import AuthzSidecar
+
+/// The process's tracer for these tests (a process bootstraps once). Only decisions of a
+/// configuration with `tracing.otlp_endpoint` make spans, so other suites are not affected.
+enum TestTracer {
+    static let shared: InMemoryTracer = {
+        let tracer = InMemoryTracer()
+        InstrumentationSystem.bootstrap(tracer)
+        return tracer
+    }()
+}
+
+@Suite("Tracing: a span per decision, its children, nothing when off (DESIGN.md §12)", .serialized)
+struct TracingTests {
+    static func yaml(tracing: Bool) -> String {
+        """
+        introspection: { endpoint: http://127.0.0.1:1/introspect, client_id: c, client_secret: s }
+        \(tracing ? "tracing: { otlp_endpoint: http://127.0.0.1:4318 }" : "")
+        policies:
+          - name: api
+            match: { path_prefix: /api/ }
+            required_scopes: [read]
+        """
+    }
+
+    static let introspector = ClosureTokenIntrospector { token throws(IntrospectionError) in
+        switch token {
+        case "reader-secret-token": return TokenInfo(active: true, scope: "read", clientID: "client-name", exp: 4_102_444_800, sub: "subject-name")
+        case "writer-secret-token": return TokenInfo(active: true, scope: "write", exp: 4_102_444_800)
+        case "down": throw .status(500)
+        default: return .inactive
+        }
+    }
+
+    static func request(_ token: String, parent: (trace: String, span: String)? = nil) -> AccessRequest {
+        var headers = HTTPFields()
+        headers[.authorization] = "Bearer \(token)"
+        if let parent {
+            headers[HTTPField.Name(InMemoryTracer.traceIDKey)!] = parent.trace
+            headers[HTTPField.Name(InMemoryTracer.spanIDKey)!] = parent.span
+        }
+        return AccessRequest(front: .nginx, method: "GET", path: "/api/x", host: "h", headers: headers)
+    }
+
+    func sidecar(tracing: Bool) throws -> Sidecar {
+        Sidecar(
+            configuration: try SidecarConfiguration.parse(yaml: Self.yaml(tracing: tracing)), introspector: Self.introspector,
+            logger: Logger(label: "test"), metrics: NOOPMetricsHandler.instance
+        )
+    }
+
+    @Test("a miss: the decision continues the proxy's trace, and the AS call is its child; a hit has its span too")
+    func missAndHit() async throws {
+        let tracer = TestTracer.shared
+        tracer.clearAll()
+        let authorizer = try sidecar(tracing: true).authorizer
+        let miss = await authorizer.answer(Self.request("reader-secret-token", parent: ("trace-1", "proxy-span")))
+        #expect(miss.status == 200)
+        let spans = tracer.popFinishedSpans()
+        let decision = try #require(spans.first { $0.operationName == "authz.decision" })
+        #expect(decision.traceID == "trace-1")
+        #expect(decision.parentSpanID == "proxy-span")
+        #expect(decision.kind == .server)
+        #expect(decision.attributes["authz.policy"]?.toSpanAttribute() == "api")
+        #expect(decision.attributes["authz.outcome"]?.toSpanAttribute() == "allow")
+        #expect(decision.attributes["authz.cache"]?.toSpanAttribute() == "miss")
+        #expect(decision.attributes["authz.token"]?.toSpanAttribute() == .string(TokenDigest(token: "reader-secret-token").prefix))
+        let call = try #require(spans.first { $0.operationName == "authz.introspect" })
+        #expect(call.parentSpanID == decision.spanID)
+        #expect(call.traceID == "trace-1")
+        #expect(call.kind == .client)
+        // The hit is answered without suspending; its span is made there.
+        let hit = try #require(authorizer.answerWithoutSuspending(Self.request("reader-secret-token")))
+        #expect(hit.status == 200)
+        let hitSpans = tracer.popFinishedSpans()
+        #expect(hitSpans.count == 1)
+        #expect(hitSpans.first?.attributes["authz.cache"]?.toSpanAttribute() == "hit")
+        // No token and no claim value in any attribute.
+        for span in spans + hitSpans {
+            span.attributes.forEach { name, value in
+                let text = "\(value)"
+                #expect(!text.contains("secret-token") && !text.contains("client-name") && !text.contains("subject-name") && !text.contains("read"), "\(name) = \(text)")
+            }
+        }
+    }
+
+    @Test("a denial and a fault say so; a fault's span is an error")
+    func denialAndFault() async throws {
+        let tracer = TestTracer.shared
+        tracer.clearAll()
+        let authorizer = try sidecar(tracing: true).authorizer
+        _ = await authorizer.answer(Self.request("writer-secret-token"))
+        let denied = try #require(tracer.popFinishedSpans().first { $0.operationName == "authz.decision" })
+        #expect(denied.attributes["authz.outcome"]?.toSpanAttribute() == "deny")
+        #expect(denied.attributes["authz.reason"]?.toSpanAttribute() == "insufficient_scope")
+        #expect(denied.attributes["http.response.status_code"]?.toSpanAttribute() == 403)
+        _ = await authorizer.answer(Self.request("down"))
+        let spans = tracer.popFinishedSpans()
+        let fault = try #require(spans.first { $0.operationName == "authz.decision" })
+        #expect(fault.attributes["authz.outcome"]?.toSpanAttribute() == "fault")
+        #expect(fault.status?.code == .error)
+        #expect(spans.first { $0.operationName == "authz.introspect" }?.status?.code == .error)
+    }
+
+    @Test("tracing off: no span, on either path")
+    func off() async throws {
+        let tracer = TestTracer.shared
+        tracer.clearAll()
+        let authorizer = try sidecar(tracing: false).authorizer
+        _ = await authorizer.answer(Self.request("reader-secret-token", parent: ("trace-2", "proxy-span")))
+        _ = authorizer.answerWithoutSuspending(Self.request("reader-secret-token"))
+        _ = await authorizer.answer(Self.request("down"))
+        #expect(tracer.finishedSpans.isEmpty)
+    }
+}
