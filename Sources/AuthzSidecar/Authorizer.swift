@@ -153,7 +153,7 @@ public final class Authorizer: Sendable {
         let trace = DecisionTrace(recordsSteps: false)
         guard let answer = answerWithoutSuspending(request, trace: trace) else { return nil }
         let span = InstrumentationSystem.tracer.startSpan("authz.decision", context: Self.parentContext(of: request), ofKind: .server, at: began)
-        Self.annotate(span, trace: trace, request: request, status: answer.status, outcome: nil)
+        Self.annotate(span, trace: trace, request: request, status: answer.status, outcome: trace.outcome)
         span.end()
         return answer
     }
@@ -162,6 +162,7 @@ public final class Authorizer: Sendable {
         let started = clock.now()
         switch prepare(request, started: started, trace: trace) {
         case .decided(let outcome, let policy, let dpopContext):
+            trace?.outcome = outcome
             return render(outcome, policy: policy, front: request.front, dpop: dpopContext)
         case .introspect(let evaluation, let issuer, let token, let digest, let proof):
             // A proof to consume at the shared store too needs the suspending path.
@@ -170,10 +171,12 @@ public final class Authorizer: Sendable {
             guard let found = issuer.cache.lookupWithoutSuspending(token: token, digest: digest) else { return nil }
             trace?.cache = found.source.rawValue
             if let replayed = consume(proof, policy: evaluation.policy, digest: digest, request: request, started: started) {
+                trace?.outcome = replayed
                 return render(replayed, policy: evaluation.policy, front: request.front, dpop: proof?.context)
             }
             let decision = evaluation.decide(token: found.info, request: request, now: clock.now(), issuer: issuer, dpopKey: proof?.key)
             let outcome = Outcome.decision(decision)
+            trace?.outcome = outcome
             record(outcome, policy: evaluation.policy, digest: digest, request: request, started: started)
             // A rendering is remembered from the second sight on: a token seen once (a JWT
             // verified just now) would only churn the memo. A DPoP allow is a function of the
@@ -218,6 +221,7 @@ public final class Authorizer: Sendable {
                     trace.add("validation", "\(answer.source.rawValue): \(answer.info.traceSummary)")
                     outcome = .decision(evaluation.decide(token: answer.info, request: request, now: clock.now(), issuer: issuer, dpopKey: proof?.key, trace: trace))
                 } catch {
+                    trace.cache = "miss"
                     trace.add("validation", "fault: \(error)")
                     outcome = .fault(error)
                 }
@@ -298,6 +302,7 @@ public final class Authorizer: Sendable {
                 // 4–7. the pure decision
                 outcome = .decision(evaluation.decide(token: answer.info, request: request, now: clock.now(), issuer: issuer, dpopKey: proof?.key))
             } catch {
+                trace?.cache = "miss"
                 outcome = .fault(error)
             }
             record(outcome, policy: evaluation.policy, digest: digest, request: request, started: started)

@@ -18,6 +18,8 @@ public final class DecisionTrace: @unchecked Sendable {
     var policy: String?
     var tokenPrefix: String?
     var cache: String = "none"
+    /// The outcome, when the path that decided does not hand it back (the no-suspension path).
+    var outcome: Authorizer.Outcome?
 
     public init(recordsSteps: Bool = true) {
         self.recordsSteps = recordsSteps

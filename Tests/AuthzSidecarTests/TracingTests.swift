@@ -107,6 +107,15 @@ struct TracingTests {
         let fault = try #require(spans.first { $0.operationName == "authz.decision" })
         #expect(fault.attributes["authz.outcome"]?.toSpanAttribute() == "fault")
         #expect(fault.status?.code == .error)
+        #expect(fault.attributes["authz.cache"]?.toSpanAttribute() == "miss")
+        // Denials answered without suspending (a cached token, no token at all) say why too.
+        tracer.clearAll()
+        _ = try #require(authorizer.answerWithoutSuspending(Self.request("writer-secret-token")))
+        var none = Self.request("x")
+        none.headers.remove(name: "Authorization")
+        _ = try #require(authorizer.answerWithoutSuspending(none))
+        let quick = tracer.popFinishedSpans()
+        #expect(quick.map { $0.attributes["authz.reason"]?.toSpanAttribute() } == ["insufficient_scope", "no_token"])
         #expect(spans.first { $0.operationName == "authz.introspect" }?.status?.code == .error)
     }
 
