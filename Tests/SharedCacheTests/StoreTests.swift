@@ -4,6 +4,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import NIOSSL
 import Testing
 
 @testable import SharedCache
@@ -154,11 +155,18 @@ final class RedisServerProcess {
     let process: Process
     let port: Int
 
+    /// Debian's redis-server is built with TLS (`--tls-port`).
+    static var supportsTLS: Bool { binary != nil }
+
     static var binary: String? {
         ["/usr/bin/redis-server", "/usr/local/bin/redis-server"].first { FileManager.default.isExecutableFile(atPath: $0) }
     }
 
-    init?() async throws {
+    /// Whether the server listens with TLS (`rediss://`), with Tests/Fixtures/server.pem.
+    let tls: Bool
+
+    init?(tls: Bool = false) async throws {
+        self.tls = tls
         guard let binary = Self.binary else { return nil }
         // Three attempts, each on a free port (bind one, release it, use it): a port another
         // process took meanwhile makes the server exit, and the next attempt takes another.
@@ -168,14 +176,21 @@ final class RedisServerProcess {
             try await probe.close()
             let process = Process()
             process.executableURL = URL(fileURLWithPath: binary)
-            process.arguments = ["--port", "\(port)", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", NSTemporaryDirectory()]
+            process.arguments = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", NSTemporaryDirectory()]
+                + (tls
+                    ? ["--port", "0", "--tls-port", "\(port)", "--tls-cert-file", Fixtures.path("server.pem"), "--tls-key-file", Fixtures.path("server.key.pem"),
+                        "--tls-ca-cert-file", Fixtures.path("ca.pem"), "--tls-auth-clients", "no"]
+                    : ["--port", "\(port)"])
             process.standardOutput = FileHandle.nullDevice
             process.standardError = FileHandle.nullDevice
             try process.run()
             // Up to 20 s for the server to answer (a loaded machine starts it slowly), each try
             // on a new client so that no back-off stretches the wait.
             for _ in 0..<100 where process.isRunning {
-                let client = RedisClient(endpoint: try StoreEndpoint.parse("redis://127.0.0.1:\(port)").get(), tls: nil, timeout: .milliseconds(1000), connections: 1)
+                let client = RedisClient(
+                    endpoint: try StoreEndpoint.parse("\(tls ? "rediss" : "redis")://localhost:\(port)").get(), tls: tls ? try Self.tlsContext(ca: "ca.pem") : nil,
+                    timeout: .milliseconds(1000), connections: 1
+                )
                 let answer = try? await client.send(RESPCommand("PING"))
                 client.shutdown()
                 if answer == .simpleString("PONG") {
@@ -188,6 +203,13 @@ final class RedisServerProcess {
             if process.isRunning { kill(process.processIdentifier, SIGKILL) }
         }
         return nil
+    }
+
+    static func tlsContext(ca: String) throws -> NIOSSLContext? {
+        let configuration = SharedCacheConfiguration(
+            endpoint: try StoreEndpoint.parse("rediss://localhost:1").get(), sealKey: SealKey(bytes: Array(repeating: 0, count: 32)), caFile: Fixtures.path(ca)
+        )
+        return try configuration.makeTLSContext()
     }
 
     /// Stops the server (Foundation's waitUntilExit can hang in an async test: poll instead).
@@ -266,6 +288,35 @@ struct SharedTokenStoreTests {
         #expect(newEpoch == SharedEpoch(1))
     }
 
+    @Test("rediss://: verified against ca_file; a server the CA did not sign is refused", .enabled(if: RedisServerProcess.supportsTLS))
+    func tls() async throws {
+        guard let redis = try await RedisServerProcess(tls: true) else { Issue.record("redis-server with TLS did not start"); return }
+        defer { redis.stop() }
+        let trusted = RedisClient(
+            endpoint: try StoreEndpoint.parse("rediss://localhost:\(redis.port)").get(), tls: try RedisServerProcess.tlsContext(ca: "ca.pem"), timeout: .seconds(2)
+        )
+        defer { trusted.shutdown() }
+        #expect(try await trusted.send(RESPCommand("PING")) == .simpleString("PONG"))
+        let untrusted = RedisClient(
+            endpoint: try StoreEndpoint.parse("rediss://localhost:\(redis.port)").get(), tls: try RedisServerProcess.tlsContext(ca: "other-ca.pem"), timeout: .seconds(2)
+        )
+        defer { untrusted.shutdown() }
+        await #expect(throws: StoreFailure.self) { try await untrusted.send(RESPCommand("PING")) }
+        // The whole store over TLS: an entry stored and found again.
+        let configuration = SharedCacheConfiguration(
+            endpoint: try StoreEndpoint.parse("rediss://localhost:\(redis.port)").get(), sealKey: key, caFile: Fixtures.path("ca.pem"), timeoutMilliseconds: 2000
+        )
+        let store = try SharedTokenStore(configuration: configuration, logger: Logger(label: "test"))
+        defer { store.shutdown() }
+        let digest = TokenDigest(token: "tls")
+        store.view(issuer: "default").save(digest, info: info, until: Date().timeIntervalSince1970 + 60, epoch: SharedEpoch(0))
+        var found = false
+        for _ in 0..<100 where !found {
+            if case .hit = await store.view(issuer: "default").load(digest) { found = true } else { try await Task.sleep(for: .milliseconds(20)) }
+        }
+        #expect(found)
+    }
+
     @Test("a DPoP proof is consumed once across replicas; a store that is gone cannot tell")
     func proofs() async throws {
         guard let redis = try await RedisServerProcess() else { Issue.record("redis-server did not start"); return }
@@ -306,5 +357,14 @@ struct SharedTokenStoreTests {
         for _ in 0..<1000 where b.isSubscribed { try await Task.sleep(for: .milliseconds(10)) }
         #expect(!b.isSubscribed)
         #expect(b.view(issuer: "default").localLifetimeCap == 5)
+    }
+}
+
+/// Paths of the shared test fixtures (Tests/Fixtures).
+enum Fixtures {
+    static func path(_ name: String) -> String {
+        var components = #filePath.split(separator: "/", omittingEmptySubsequences: false)
+        components.removeLast(2)  // StoreTests.swift, SharedCacheTests
+        return components.joined(separator: "/") + "/Fixtures/" + name
     }
 }
