@@ -4,6 +4,7 @@ import JWTValidation
 import Logging
 import Metrics
 import NIOHTTP1
+import Synchronization
 import Tracing
 import SharedCache
 
@@ -36,6 +37,8 @@ public final class Authorizer: Sendable {
     /// Whether decisions make spans (`tracing.otlp_endpoint` set): nothing is done for them
     /// otherwise, on any path.
     let spans: Bool
+    /// The draw for decisions that come without a parent.
+    let sampling: SamplingDraw
     /// Whether any request may be traced (a debug policy, or a trusted debug header).
     private let tracesSome: Bool
 
@@ -75,6 +78,7 @@ public final class Authorizer: Sendable {
         self.comparesHosts = configuration.policies.contains { !$0.hosts.isEmpty }
         self.hasDebugPolicies = configuration.policies.contains { $0.debugLog }
         self.spans = configuration.tracing.otlpEndpoint != nil
+        self.sampling = SamplingDraw(ratio: configuration.tracing.samplingRatio)
         self.tracesSome = hasDebugPolicies || configuration.server.trustDebugHeader
         self.clock = clock
         self.logger = logger
@@ -93,7 +97,7 @@ public final class Authorizer: Sendable {
     /// `traceparent` the proxy sent (`parent`, when the front end found it elsewhere, as gRPC
     /// metadata); AS calls and store lookups made for it are its children.
     func decideAndExplain(_ request: AccessRequest, parent: ServiceContext?) async -> (Outcome, PolicyConfiguration?, AuthzAnswer.DPoPContext?) {
-        guard spans else { return await decideAndExplain(request) }
+        guard spans, parent != nil || sampled(request) else { return await decideAndExplain(request) }
         return await withSpan("authz.decision", context: parent ?? Self.parentContext(of: request), ofKind: .server) { span in
             let trace = DecisionTrace(recordsSteps: false)
             let result = await decideAndExplain(request, trace: trace)
@@ -108,6 +112,27 @@ public final class Authorizer: Sendable {
         }
     }
 
+    /// Whether this decision gets a span, decided before any span work so that an unsampled
+    /// decision costs next to nothing: a `traceparent` from the proxy decides by its sampled flag
+    /// (parent-based sampling); without one, a draw at `tracing.sampling_ratio`. (The tracer
+    /// itself then samples every span it is given.)
+    func sampled(_ request: AccessRequest) -> Bool {
+        if let parent = request.headers.first(name: "traceparent") {
+            // version "-" trace-id "-" parent-id "-" flags: the flags' low bit is "sampled".
+            let utf8 = parent.utf8
+            if utf8.count >= 55, let last = utf8.last, let flags = Self.hexValue(last) { return flags & 1 == 1 }
+        }
+        return sampling.draw()
+    }
+
+    private static func hexValue(_ byte: UInt8) -> UInt8? {
+        switch byte {
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): return byte - UInt8(ascii: "0")
+        case UInt8(ascii: "a")...UInt8(ascii: "f"): return byte - UInt8(ascii: "a") + 10
+        default: return nil
+        }
+    }
+
     /// The W3C trace context the proxy sent with the request (none: a new trace).
     static func parentContext(of request: AccessRequest) -> ServiceContext {
         var context = ServiceContext.topLevel
@@ -117,6 +142,7 @@ public final class Authorizer: Sendable {
 
     /// The decision's attributes (DESIGN.md §12): never a token, never a claim value.
     static func annotate(_ span: any Span, trace: DecisionTrace, request: AccessRequest, status: Int, outcome: Outcome?) {
+        guard span.isRecording else { return }
         span.attributes["authz.front"] = request.front.rawValue
         span.attributes["authz.policy"] = trace.policy ?? "none"
         span.attributes["authz.cache"] = trace.cache
@@ -146,7 +172,7 @@ public final class Authorizer: Sendable {
     public func answerWithoutSuspending(_ request: AccessRequest) -> AuthzAnswer? {
         // A request to trace takes the suspending path (`answer`), which traces it.
         if tracesSome, wantsTrace(request) { return nil }
-        guard spans else { return answerWithoutSuspending(request, trace: nil) }
+        guard spans, sampled(request) else { return answerWithoutSuspending(request, trace: nil) }
         // A span, made after the fact with the times it began and ended: only for a request
         // answered here (a declined one gets its span on the suspending path).
         let began = DefaultTracerClock.now
@@ -240,7 +266,7 @@ public final class Authorizer: Sendable {
     /// Decides a request to trace (`wantsTrace`), logging its steps in one line at notice level.
     func explainAndLog(_ request: AccessRequest) async -> Explanation {
         let explanation: Explanation
-        if spans {
+        if spans, ServiceContext.current != nil || sampled(request) {
             explanation = await withSpan("authz.decision", context: ServiceContext.current ?? Self.parentContext(of: request), ofKind: .server) { span in
                 let explanation = await explain(request)
                 Self.annotate(span, trace: explanation.summary, request: request, status: explanation.answer.status, outcome: explanation.outcome)
@@ -566,5 +592,27 @@ public final class Authorizer: Sendable {
 struct HeaderExtractor: Extractor {
     func extract(key: String, from carrier: HTTPHeaders) -> String? {
         carrier.first(name: key)
+    }
+}
+
+/// A sampling draw at a ratio, without a system call or a lock: a shared counter through
+/// SplitMix64 (uniform enough for sampling; not for anything secret).
+final class SamplingDraw: Sendable {
+    let ratio: Double
+    private let counter: Atomic<UInt64>
+
+    init(ratio: Double) {
+        self.ratio = ratio
+        self.counter = Atomic(UInt64.random(in: .min ... .max))
+    }
+
+    func draw() -> Bool {
+        if ratio >= 1 { return true }
+        if ratio <= 0 { return false }
+        var z = counter.wrappingAdd(0x9E37_79B9_7F4A_7C15, ordering: .relaxed).newValue
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        z ^= z >> 31
+        return Double(z >> 11) * 0x1p-53 < ratio
     }
 }

@@ -42,6 +42,7 @@ struct TraceContextInterceptor: ServerInterceptor {
         context: ServerContext,
         next: @Sendable (StreamingServerRequest<Input>, ServerContext) async throws -> StreamingServerResponse<Output>
     ) async throws -> StreamingServerResponse<Output> {
+        // A parent's sampled flag is followed by the tracer (parent-based sampling).
         guard request.metadata[stringValues: "traceparent"].first(where: { _ in true }) != nil else { return try await next(request, context) }
         var trace = ServiceContext.topLevel
         InstrumentationSystem.instrument.extract(request.metadata, into: &trace, using: MetadataExtractor())

@@ -22,10 +22,11 @@ enum TracingSetup {
         configuration.traces.exporter = .otlp
         configuration.traces.otlpExporter.endpoint = endpoint.hasSuffix("/") ? endpoint + "v1/traces" : endpoint + "/v1/traces"
         configuration.traces.otlpExporter.protocol = .httpProtobuf
-        guard let sampler = OTel.Configuration.TracesConfiguration.SamplerConfiguration.parentBasedTraceIDRatio(ratio: tracing.samplingRatio) else {
-            throw TracingSetupError("sampling_ratio must be between 0 and 1")
-        }
-        configuration.traces.sampler = sampler
+        // The sidecar decides which decisions get a span before making one (the proxy's sampled
+        // flag, else a draw at sampling_ratio: Authorizer.sampled), so that an unsampled decision
+        // costs nothing; the tracer records every span it is given.
+        guard (0...1).contains(tracing.samplingRatio) else { throw TracingSetupError("sampling_ratio must be between 0 and 1") }
+        configuration.traces.sampler = .parentBasedAlwaysOn
         let backend = try OTel.makeTracingBackend(configuration: configuration)
         InstrumentationSystem.bootstrap(backend.factory)
         return backend.service

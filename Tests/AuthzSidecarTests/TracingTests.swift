@@ -129,4 +129,23 @@ struct TracingTests {
         _ = await authorizer.answer(Self.request("down"))
         #expect(tracer.finishedSpans.isEmpty)
     }
+
+    @Test("sampling: the proxy's sampled flag decides; without a parent, a draw at the ratio")
+    func sampling() throws {
+        let yaml = Self.yaml(tracing: true).replacingOccurrences(of: "otlp_endpoint: http://127.0.0.1:4318", with: "otlp_endpoint: http://127.0.0.1:4318, sampling_ratio: 0.01")
+        let authorizer = try Sidecar(
+            configuration: try SidecarConfiguration.parse(yaml: yaml), introspector: Self.introspector, logger: Logger(label: "test"), metrics: NOOPMetricsHandler.instance
+        ).authorizer
+        func request(_ traceparent: String?) -> AccessRequest {
+            var headers = HTTPFields()
+            if let traceparent { headers[HTTPField.Name("traceparent")!] = traceparent }
+            return AccessRequest(front: .nginx, method: "GET", path: "/api/x", host: "h", headers: headers)
+        }
+        #expect(authorizer.sampled(request("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")))
+        #expect(!authorizer.sampled(request("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00")))
+        let draws = (0..<100_000).filter { _ in authorizer.sampled(request(nil)) }.count
+        #expect((700...1300).contains(draws), "\(draws) of 100000 drawn at 1%")
+        #expect((0..<1000).allSatisfy { _ in !SamplingDraw(ratio: 0).draw() })
+        #expect((0..<1000).allSatisfy { _ in SamplingDraw(ratio: 1).draw() })
+    }
 }
