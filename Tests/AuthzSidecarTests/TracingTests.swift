@@ -1,6 +1,8 @@
 import HTTPTypes
 import InMemoryTracing
 import Introspection
+import JOSE
+import JWTValidation
 import Logging
 import Metrics
 import Testing
@@ -147,5 +149,36 @@ struct TracingTests {
         #expect((700...1300).contains(draws), "\(draws) of 100000 drawn at 1%")
         #expect((0..<1000).allSatisfy { _ in !SamplingDraw(ratio: 0).draw() })
         #expect((0..<1000).allSatisfy { _ in SamplingDraw(ratio: 1).draw() })
+    }
+
+    @Test("inside a decision's span, a shared-store lookup and a key-set fetch are its children")
+    func storeAndKeyFetchSpans() async throws {
+        let tracer = TestTracer.shared
+        tracer.clearAll()
+        final class Store: SharedAnswerStore {
+            func load(_ digest: TokenDigest) async -> SharedLoad { .miss(SharedEpoch(0)) }
+            func save(_ digest: TokenDigest, info: TokenInfo, until: Double, epoch: SharedEpoch) {}
+            var localLifetimeCap: Double? { nil }
+        }
+        let cache = CachingTokenIntrospector(upstream: Self.introspector, configuration: .init(), shared: Store())
+        let keys = IssuerKeys(issuer: "jwt-issuer", cacheSeconds: 300, minRefetchSeconds: 1, clock: SystemEpochClock(), logger: Logger(label: "test"), metrics: NOOPMetricsHandler.instance) { () async throws(IntrospectionError) -> JSONWebKeySet in
+            throw .keysUnavailable("none here")
+        }
+        await withSpan("authz.decision", ofKind: .server) { _ in
+            _ = try? await cache.lookup(token: "reader-secret-token", digest: TokenDigest(token: "reader-secret-token"))
+            await keys.prefetch()
+        }
+        let spans = tracer.popFinishedSpans()
+        let decision = try #require(spans.first { $0.operationName == "authz.decision" })
+        let load = try #require(spans.first { $0.operationName == "authz.shared_store.load" })
+        #expect(load.parentSpanID == decision.spanID)
+        #expect(load.attributes["authz.shared.result"]?.toSpanAttribute() == "miss")
+        let fetch = try #require(spans.first { $0.operationName == "authz.jwks_fetch" })
+        #expect(fetch.parentSpanID == decision.spanID)
+        #expect(fetch.attributes["authz.issuer"]?.toSpanAttribute() == "jwt-issuer")
+        #expect(fetch.status?.code == .error)
+        // Outside any decision's span: none of them.
+        _ = try? await cache.lookup(token: "writer-secret-token", digest: TokenDigest(token: "writer-secret-token"))
+        #expect(tracer.popFinishedSpans().isEmpty)
     }
 }
