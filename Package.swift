@@ -1,5 +1,12 @@
 // swift-tools-version:6.0
+import Foundation
 import PackageDescription
+
+// swift-otel (the OTLP exporter, DESIGN.md §12) does not compile under -sanitize=thread with
+// Swift 6.3 ("sending 'logger' risks causing data races" in its batch processor), so the
+// ThreadSanitizer build leaves it out (scripts/test.sh sets AUTHZ_WITHOUT_OTEL); the tracing
+// instrumentation itself (swift-distributed-tracing) is in every build.
+let withOTel = ProcessInfo.processInfo.environment["AUTHZ_WITHOUT_OTEL"] == nil
 
 let swiftSettings: [SwiftSetting] = [
     .enableUpcomingFeature("ExistentialAny"),
@@ -36,8 +43,7 @@ let package = Package(
         .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", from: "2.4.1"),
         .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", from: "2.9.2"),
         .package(url: "https://github.com/apple/swift-distributed-tracing.git", from: "1.7.0"),
-        .package(url: "https://github.com/swift-otel/swift-otel.git", from: "1.6.0"),
-    ],
+    ] + (withOTel ? [.package(url: "https://github.com/swift-otel/swift-otel.git", from: "1.6.0")] : []),
     targets: [
         .target(
             name: "Introspection",
@@ -149,8 +155,7 @@ let package = Package(
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
                 .product(name: "Tracing", package: "swift-distributed-tracing"),
-                .product(name: "OTel", package: "swift-otel"),
-            ],
+            ] + (withOTel ? [.product(name: "OTel", package: "swift-otel")] : []),
             swiftSettings: swiftSettings
         ),
         // Bench-only helpers for scripts/bench.sh (reference server, fake AS, cache memory probe).

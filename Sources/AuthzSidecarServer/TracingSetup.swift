@@ -1,8 +1,10 @@
 import AuthzSidecar
 import Logging
-import OTel
 import ServiceLifecycle
 import Tracing
+
+#if canImport(OTel)
+import OTel
 
 /// `tracing` (DESIGN.md §12) on swift-otel: a tracer with W3C trace-context propagation,
 /// parent-based sampling at `sampling_ratio`, batched OTLP/HTTP (protobuf) export to
@@ -32,6 +34,15 @@ enum TracingSetup {
         return backend.service
     }
 }
+
+#else
+/// A build without swift-otel (the ThreadSanitizer build, `AUTHZ_WITHOUT_OTEL`): no exporter.
+enum TracingSetup {
+    static func bootstrap(_ tracing: TracingConfiguration, endpoint: String, logger: Logger) throws -> any Service {
+        throw TracingSetupError("this build has no OTLP exporter (built with AUTHZ_WITHOUT_OTEL)")
+    }
+}
+#endif
 
 struct TracingSetupError: Error, CustomStringConvertible {
     let description: String
