@@ -76,6 +76,8 @@ public final class RedisClient: Sendable {
             promise.fail(StoreFailure.timeout)
         }
         connection(slot).flatMap { connection -> EventLoopFuture<RESPValue> in
+            // The deadline passed while connecting: the command is not sent at all.
+            if done.withLockedValue({ $0 }) { return connection.channel.eventLoop.makeFailedFuture(StoreFailure.timeout) }
             used.withLockedValue { $0 = connection }
             return connection.send(command)
         }.whenComplete { result in
