@@ -99,7 +99,7 @@ public final class SharedTokenStore: Sendable {
         logger[metadataKey: "authz.shared.store"] = "\(configuration.endpoint.redacted)"
         self.logger = logger
         self.metrics = SharedCacheMetrics(factory: factory)
-        self.problems = RateLimitedLog(logger: logger)
+        self.problems = RateLimitedLog(clock: SystemEpochClock(), interval: 10)
         metrics.subscribed.record(0)
     }
 
@@ -150,7 +150,7 @@ public final class SharedTokenStore: Sendable {
             // Another seal key, garbage or a forgery: a miss; never replaced or deleted here.
             metrics.unopenable.increment()
             metrics.misses.increment()
-            problems.log("unopenable", "an entry in the shared store does not open with this seal key (another key, corrupted or forged): ignored")
+            warn("unopenable", "an entry in the shared store does not open with this seal key (another key, corrupted or forged): ignored")
             return .miss(epoch)
         }
         guard !purges.withLockedValue({ $0.distrusts(digest) }) else {
@@ -265,7 +265,7 @@ public final class SharedTokenStore: Sendable {
                 while connection.isActive, !Task.isCancelled, !watch.failed.load(ordering: .relaxed) {
                     try await Task.sleep(nanoseconds: UInt64(Self.pingInterval.nanoseconds))
                     if watch.silence > Self.silenceLimit {
-                        problems.log("subscription", "the shared store stopped answering on the purge subscription: resubscribing", cause: "timeout")
+                        warn("subscription", "the shared store stopped answering on the purge subscription: resubscribing", cause: "timeout")
                         break
                     }
                     if watch.confirmed.load(ordering: .relaxed) { failures = 0 }
@@ -277,7 +277,7 @@ public final class SharedTokenStore: Sendable {
             } catch {
                 let failure = error as? StoreFailure ?? .protocolError("\(error)")
                 metrics.errors(failure.cause).increment()
-                problems.log("subscription", "cannot subscribe to purge broadcasts on the shared store: \(failure)", cause: failure.cause)
+                warn("subscription", "cannot subscribe to purge broadcasts on the shared store: \(failure)", cause: failure.cause)
             }
             if Task.isCancelled { break }
             lost()
@@ -293,7 +293,7 @@ public final class SharedTokenStore: Sendable {
         guard case .array(let parts?) = value, let kind = parts.first?.string else {
             if case .error(let message) = value {
                 watch.failed.store(true, ordering: .relaxed)
-                problems.log("subscription", "the shared store refused the subscription: \(RESPChannelHandler.redirection(message) ?? message)", cause: "refused")
+                warn("subscription", "the shared store refused the subscription: \(RESPChannelHandler.redirection(message) ?? message)", cause: "refused")
             }
             return
         }
@@ -321,7 +321,7 @@ public final class SharedTokenStore: Sendable {
         case ("a"?, 2):
             for cache in caches { cache.purgeAll() }
         default:
-            problems.log("broadcast", "ignored a malformed purge broadcast", cause: "protocol")
+            warn("broadcast", "ignored a malformed purge broadcast", cause: "protocol")
             return
         }
         metrics.broadcasts.increment()
@@ -361,9 +361,19 @@ public final class SharedTokenStore: Sendable {
 
     // MARK: Helpers
 
+    /// One warning per key per 10 s (a down store must not flood the log), with how many were
+    /// suppressed since the last one.
+    private func warn(_ key: String, _ message: String, cause: String? = nil) {
+        problems.log(key: key) { suppressed in
+            var metadata: Logger.Metadata = ["authz.shared.cause": "\(cause ?? key)"]
+            if suppressed > 0 { metadata["authz.suppressed"] = "\(suppressed)" }
+            logger.warning("\(message)", metadata: metadata)
+        }
+    }
+
     private func fault(_ failure: StoreFailure, _ doing: String) {
         metrics.errors(failure.cause).increment()
-        problems.log(failure.cause, "shared store unusable while \(doing): \(failure); going on without it", cause: failure.cause)
+        warn(failure.cause, "shared store unusable while \(doing): \(failure); going on without it", cause: failure.cause)
     }
 
     static func nowMilliseconds() -> Int64 {
@@ -449,29 +459,6 @@ final class SubscriptionWatch: Sendable {
 
     var silence: TimeAmount {
         .nanoseconds(Int64(DispatchTime.now().uptimeNanoseconds &- lastHeard.load(ordering: .relaxed)))
-    }
-}
-
-/// One log line per cause per interval: a down store must not flood the log.
-final class RateLimitedLog: Sendable {
-    private let logger: Logger
-    private let last = NIOLockedValueBox<[String: UInt64]>([:])
-    private let intervalNanoseconds: UInt64
-
-    init(logger: Logger, intervalSeconds: UInt64 = 10) {
-        self.logger = logger
-        self.intervalNanoseconds = intervalSeconds * 1_000_000_000
-    }
-
-    func log(_ key: String, _ message: String, cause: String? = nil) {
-        let now = DispatchTime.now().uptimeNanoseconds
-        let due = last.withLockedValue { last -> Bool in
-            if let previous = last[key], now &- previous < intervalNanoseconds { return false }
-            last[key] = now
-            return true
-        }
-        guard due else { return }
-        logger.warning("\(message)", metadata: ["authz.shared.cause": "\(cause ?? key)"])
     }
 }
 
